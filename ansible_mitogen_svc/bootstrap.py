@@ -1,0 +1,193 @@
+"""First stage, source bundle and handshake of an agent.
+
+Runs on: controller and targets (shipped: an agent starts chained agents).
+
+How an agent starts
+-------------------
+1. The parent runs ``<prefix> python3 -c "<FIRST STAGE>"`` with stdin and
+   stdout as the data pipes. The first stage is ~300 characters of base64
+   that decodes to a loop reading exactly ``len(stage 2)`` bytes from stdin.
+2. The parent writes stage 2: zlib-compressed Python source holding the
+   source of every module in :data:`SHIPPED_MODULES` (plus modules the
+   caller ships) and a tiny meta-path importer that serves them from memory.
+3. The parent writes the config: a 4-byte length then a codec-encoded dict
+   (ids, parent id, name, limits). Stage 2 imports
+   :mod:`ansible_mitogen_svc.agent` from memory and calls ``main(config)``.
+4. The agent forks its virgin fork parent, moves the data pipes off fds 0
+   and 1, and writes :data:`READY` followed by its pid and a newline. From
+   then on both directions carry only frames.
+
+Nothing the target sends before READY is trusted: it is kept (bounded) only
+to explain a failure.
+"""
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from typing import Dict, Iterable, Optional, Tuple
+
+from . import codec
+
+__all__ = ["SHIPPED_MODULES", "MIN_TARGET_PYTHON", "READY", "Sources",
+           "collect_sources", "stage2", "first_stage_argv", "encode_config"]
+
+# The minimum target Python, declared once.
+MIN_TARGET_PYTHON = (3, 8)
+
+# Every module an agent needs, in import order. Nothing else is shipped.
+SHIPPED_MODULES = (
+    "ansible_mitogen_svc",
+    "ansible_mitogen_svc.errors",
+    "ansible_mitogen_svc.codec",
+    "ansible_mitogen_svc.wire",
+    "ansible_mitogen_svc.protocol",
+    "ansible_mitogen_svc.router",
+    "ansible_mitogen_svc.policy",
+    "ansible_mitogen_svc.transport",
+    "ansible_mitogen_svc.broker",
+    "ansible_mitogen_svc.context",
+    "ansible_mitogen_svc.service",
+    "ansible_mitogen_svc.bootstrap",
+    "ansible_mitogen_svc.spawn",
+    "ansible_mitogen_svc.connect",
+    "ansible_mitogen_svc.forkserver",
+    "ansible_mitogen_svc.agent",
+)
+
+READY = b"MSVC-READY "
+
+# name -> (is_package, source text)
+Sources = Dict[str, Tuple[bool, str]]
+
+_STAGE1 = """\
+import os,sys,zlib
+def _read(n):
+ b=b''
+ while len(b)<n:
+  c=os.read(0,n-len(b))
+  if not c:raise SystemExit('msvc: EOF during bootstrap')
+  b+=c
+ return b
+exec(compile(zlib.decompress(_read(%d)),'<msvc-stage2>','exec'))
+"""
+
+_STAGE2_TAIL = """
+class _Importer(object):
+    def __init__(self, sources):
+        self.msvc_sources = sources
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.msvc_sources:
+            return None
+        import importlib.util
+        return importlib.util.spec_from_loader(name, self, is_package=self.msvc_sources[name][0])
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        is_pkg, src = self.msvc_sources[module.__name__]
+        fn = '<msvc>/%s%s' % (module.__name__.replace('.', '/'), '/__init__.py' if is_pkg else '.py')
+        module.__file__ = fn
+        exec(compile(src, fn, 'exec'), module.__dict__)
+    def get_source(self, name):
+        return self.msvc_sources[name][1]
+    def is_package(self, name):
+        return self.msvc_sources[name][0]
+sys.meta_path.insert(0, _Importer(_SOURCES))
+import struct
+_cfg = _read(struct.unpack('>I', _read(4))[0])
+import ansible_mitogen_svc.agent
+ansible_mitogen_svc.agent.main(_cfg)
+"""
+
+
+def _is_docstring(node: "ast.AST") -> bool:
+    import ast
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+        and isinstance(node.value.value, str)
+
+
+def _minify(source: str) -> str:
+    """Drop docstrings and comments: about half the bytes. Line numbers
+    change, but tracebacks on the target show the shipped (minified)
+    lines, so they stay self-consistent."""
+    import ast
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and _is_docstring(body[0]):
+            if len(body) == 1:
+                body[0] = ast.Pass()
+            else:
+                del body[0]
+    return ast.unparse(tree) + "\n"  # type: ignore[attr-defined]
+
+
+def _module_sources(names: Iterable[str], minify: bool) -> Sources:
+    out: Sources = {}
+    for name in names:
+        mod = sys.modules.get(name) or __import__(name, fromlist=["_"])
+        loader = getattr(mod, "__loader__", None)
+        src = None
+        if loader is not None and hasattr(loader, "get_source"):
+            src = loader.get_source(name)
+        if src is None:
+            raise ImportError("cannot find the source of %s to ship it" % name)
+        is_pkg = hasattr(mod, "__path__")
+        if minify and sys.version_info >= (3, 9) and not _is_shipped_source(mod):
+            src = _minify(src)
+        out[name] = (is_pkg, src)
+    return out
+
+
+def _is_shipped_source(mod: object) -> bool:
+    """True when ``mod`` itself came from a bundle (we are an agent)."""
+    return str(getattr(mod, "__file__", "")).startswith("<msvc>")
+
+
+def own_sources() -> Optional[Sources]:
+    """On an agent: the sources it was started with (to start children)."""
+    for finder in sys.meta_path:
+        sources = getattr(finder, "msvc_sources", None)
+        if sources is not None:
+            return sources
+    return None
+
+
+_CACHE: Dict[Tuple[str, ...], Tuple[bytes, Sources]] = {}
+
+
+def collect_sources(extra: Iterable[str] = (), minify: bool = True) -> Sources:
+    """Sources of SHIPPED_MODULES plus ``extra`` module names."""
+    mine = own_sources()
+    names = list(SHIPPED_MODULES) + [n for n in extra if n not in SHIPPED_MODULES]
+    if mine is not None:
+        missing = [n for n in names if n not in mine]
+        out = {n: mine[n] for n in names if n in mine}
+        out.update(_module_sources(missing, minify))
+        return out
+    return _module_sources(names, minify)
+
+
+def stage2(extra: Iterable[str] = ()) -> Tuple[bytes, Sources]:
+    """Compressed stage 2 (cached per set of extra modules) and its sources."""
+    key = tuple(sorted(set(extra)))
+    hit = _CACHE.get(key)
+    if hit is None:
+        sources = collect_sources(key)
+        text = "_SOURCES = %r\n%s" % (sources, _STAGE2_TAIL)
+        hit = (zlib.compress(text.encode("utf-8"), 9), sources)
+        _CACHE[key] = hit
+    return hit
+
+
+def first_stage_argv(python: str, stage2_len: int) -> list:
+    """``[python, "-c", code]`` for a stage 2 of ``stage2_len`` bytes."""
+    import base64
+    code = base64.b64encode(zlib.compress((_STAGE1 % stage2_len).encode(), 9)).decode()
+    return [python, "-c",
+            "import base64,zlib;exec(zlib.decompress(base64.b64decode('%s')))" % code]
+
+
+def encode_config(config: dict) -> bytes:
+    body = codec.dumps(config)
+    return struct.pack(">I", len(body)) + body
