@@ -52,6 +52,7 @@ SHIPPED_MODULES = (
     "ansible_mitogen_svc.spawn",
     "ansible_mitogen_svc.connect",
     "ansible_mitogen_svc.forkserver",
+    "ansible_mitogen_svc.jobs",
     "ansible_mitogen_svc.agent",
 )
 

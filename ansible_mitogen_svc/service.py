@@ -134,6 +134,11 @@ class CallInfo:
         return self.router.parent
 
     @property
+    def controller(self) -> Context:
+        """The root of the tree (the controller, context 0)."""
+        return self.router.context(0, "controller")
+
+    @property
     def caller_context(self) -> Context:
         return self.router.context(self.caller.context_id)
 
