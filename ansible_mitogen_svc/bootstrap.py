@@ -22,6 +22,7 @@ to explain a failure.
 """
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import zlib
@@ -101,7 +102,7 @@ ansible_mitogen_svc.agent.main(_cfg)
 """
 
 
-def _is_docstring(node: "ast.AST") -> bool:
+def _is_docstring(node: object) -> bool:
     import ast
     return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
         and isinstance(node.value.value, str)
@@ -123,26 +124,40 @@ def _minify(source: str) -> str:
     return ast.unparse(tree) + "\n"  # type: ignore[attr-defined]
 
 
+# Targets always see the runtime as ``ansible_mitogen_svc``, whatever it is
+# called here (``ansible_collections.mitogen.svc.ansible_mitogen_svc`` when
+# loaded as part of the installed collection).
+CANONICAL = "ansible_mitogen_svc"
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _runtime_source(name: str) -> Tuple[bool, str]:
+    rel = name[len(CANONICAL):].lstrip(".")
+    if not rel:
+        path, is_pkg = os.path.join(_PKG_DIR, "__init__.py"), True
+    else:
+        path, is_pkg = os.path.join(_PKG_DIR, *rel.split(".")) + ".py", False
+    with open(path, encoding="utf-8") as fp:
+        return is_pkg, fp.read()
+
+
 def _module_sources(names: Iterable[str], minify: bool) -> Sources:
     out: Sources = {}
     for name in names:
-        mod = sys.modules.get(name) or __import__(name, fromlist=["_"])
-        loader = getattr(mod, "__loader__", None)
-        src = None
-        if loader is not None and hasattr(loader, "get_source"):
-            src = loader.get_source(name)
-        if src is None:
-            raise ImportError("cannot find the source of %s to ship it" % name)
-        is_pkg = hasattr(mod, "__path__")
-        if minify and sys.version_info >= (3, 9) and not _is_shipped_source(mod):
+        if name == CANONICAL or name.startswith(CANONICAL + "."):
+            is_pkg, src = _runtime_source(name)
+        else:
+            mod = sys.modules.get(name) or __import__(name, fromlist=["_"])
+            loader = getattr(mod, "__loader__", None)
+            get_source = getattr(loader, "get_source", None)
+            text = get_source(name) if get_source is not None else None
+            if text is None:
+                raise ImportError("cannot find the source of %s to ship it" % name)
+            is_pkg, src = hasattr(mod, "__path__"), text
+        if minify and sys.version_info >= (3, 9):
             src = _minify(src)
         out[name] = (is_pkg, src)
     return out
-
-
-def _is_shipped_source(mod: object) -> bool:
-    """True when ``mod`` itself came from a bundle (we are an agent)."""
-    return str(getattr(mod, "__file__", "")).startswith("<msvc>")
 
 
 def own_sources() -> Optional[Sources]:

@@ -216,12 +216,12 @@ def _dec(data: bytes, pos: int, end: int, depth: int, budget: List[int]) -> Tupl
         start = pos - 5
         if depth == 0:
             raise LoadError("nesting deeper than max_depth at offset %d" % start)
-        budget[0] -= n
-        if budget[0] < 0:
-            raise LoadError("too many items: container at offset %d exceeds max_items" % start)
         need = n * 2 if op == OP_DICT else n  # every value takes >= 1 byte
         if need > end - pos:
             raise _truncated(pos, need, end, "%d items" % n)
+        budget[0] -= n
+        if budget[0] < 0:
+            raise LoadError("too many items: container at offset %d exceeds max_items" % start)
         depth -= 1
         if op == OP_DICT:
             result = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .broker import Stream
 from .context import Context, Router
@@ -20,7 +20,7 @@ LOG = logging.getLogger("ansible_mitogen_svc.connect")
 AGENT = "ansible_mitogen_svc.agent.AgentService"
 
 
-def _log_sink(name: str):
+def _log_sink(name: str) -> Callable[[bytes], None]:
     log = logging.getLogger("ansible_mitogen_svc.remote")
     buf = bytearray()
 

@@ -28,7 +28,7 @@ most one read's worth at a time, so memory is bounded by the limit.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 from .errors import LocalProtocolError
 from .wire import (HEADER, HEADER_SIZE, KNOWN_FLAGS, MAGIC, WIRE_VERSION,
@@ -73,7 +73,7 @@ class FrameReader:
         self._buf = bytearray()
         self._pos = 0
         self._state = _HEADER
-        self._header: tuple = ()
+        self._header: Tuple[int, ...] = ()
         self._eof = False
         self._error: LocalProtocolError | None = None
 

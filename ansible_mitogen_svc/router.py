@@ -53,7 +53,7 @@ class IdRange(collections.namedtuple("_IdRange", "lo hi")):
 
     @property
     def size(self) -> int:
-        return self.hi - self.lo
+        return int(self.hi - self.lo)
 
 
 ROOT_RANGE = IdRange(0, 2 ** 64)
@@ -86,7 +86,7 @@ class RouteTable:
 
     @property
     def my_id(self) -> int:
-        return self.ids.lo
+        return int(self.ids.lo)
 
     # -- table maintenance -------------------------------------------------
     def set_parent(self, stream_id: int) -> None:
@@ -166,10 +166,11 @@ class RouteTable:
             if 0 <= j < len(self._children):
                 r = self._children[j].ids
                 if r.lo < hi and lo < r.hi:
-                    return r
+                    return IdRange(r.lo, r.hi)
         k = bisect.bisect_left(self._los, lo)
         if k < len(self._children) and self._children[k].ids.lo < hi:
-            return self._children[k].ids
+            found = self._children[k].ids
+            return IdRange(found.lo, found.hi)
         return None
 
     # -- decisions ---------------------------------------------------------

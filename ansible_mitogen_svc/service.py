@@ -337,6 +337,7 @@ class Pool:
         info = CallInfo(self.router, caller, responder)
         token = _CURRENT.set(info)
         try:
+            assert fn is not None
             if isinstance(svc, DeduplicatingService):
                 svc._dedup_call(method, fn, kwargs, info)
                 return

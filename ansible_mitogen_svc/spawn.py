@@ -188,7 +188,7 @@ def _wait(proc: subprocess.Popen) -> Optional[int]:
         return None
 
 
-def _show(diag: bytes, out: bytes) -> str:
+def _show(diag: "bytes | bytearray", out: "bytes | bytearray") -> str:
     text = (bytes(diag) + bytes(out)).decode("utf-8", "replace").strip()
     return repr(text[-2000:]) if text else "(none)"
 

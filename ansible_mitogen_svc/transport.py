@@ -39,7 +39,7 @@ class Transport(Protocol):
     wfd: int
 
     def read(self) -> bytes: ...
-    def write(self, data: bytes) -> int: ...
+    def write(self, data: "bytes | memoryview") -> int: ...
     def close(self) -> None: ...
 
 
@@ -79,7 +79,7 @@ class FdTransport:
                 return b""
             raise
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: "bytes | memoryview") -> int:
         """Write what the fd takes now; 0 when it would block."""
         try:
             return os.write(self.wfd, data)

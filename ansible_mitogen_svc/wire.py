@@ -97,9 +97,10 @@ class Message(_MessageBase):
 
     def pack(self) -> bytes:
         """The whole frame as bytes."""
-        return HEADER.pack(MAGIC, WIRE_VERSION, self.flags, self.dst,
-                           self.src, self.auth, self.handle, self.reply_to,
-                           len(self.body)) + self.body
+        header: bytes = HEADER.pack(MAGIC, WIRE_VERSION, self.flags, self.dst,
+                                    self.src, self.auth, self.handle, self.reply_to,
+                                    len(self.body))
+        return header + bytes(self.body)
 
     def __repr__(self) -> str:
         # Bodies may hold secrets (passwords, no_log data): never show them.

@@ -206,16 +206,17 @@ class LatencyProxy:
         upstream_w: asyncio.StreamWriter | None = None
         try:
             try:
-                upstream_r, upstream_w = await asyncio.wait_for(
+                upstream_r, upstream = await asyncio.wait_for(
                     asyncio.open_connection(*self.target),
                     timeout=self.connect_timeout,
                 )
             except (OSError, asyncio.TimeoutError):
                 self.stats.connect_failures += 1
                 return
-            self._writers.add(upstream_w)
+            upstream_w = upstream
+            self._writers.add(upstream)
             pumps = [
-                asyncio.ensure_future(self._pump(client_r, upstream_w, True)),
+                asyncio.ensure_future(self._pump(client_r, upstream, True)),
                 asyncio.ensure_future(self._pump(upstream_r, client_w, False)),
             ]
             try:

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import pytest
 
@@ -64,7 +64,8 @@ def echo_server() -> Iterator[tuple[str, int]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_address[0], server.server_address[1]
+        host, port = server.socket.getsockname()[:2]
+        yield str(host), int(port)
     finally:
         server.shutdown()
         server.server_close()  # joins handler threads (block_on_close)
@@ -82,9 +83,9 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _readline(stream: "object", timeout: float) -> bytes:
+def _readline(stream: IO[bytes], timeout: float) -> bytes:
     """Read one line from a pipe with a deadline (returns partial on EOF)."""
-    fd = stream.fileno()  # type: ignore[attr-defined]
+    fd = stream.fileno()
     buf = b""
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
@@ -408,11 +409,47 @@ def test_ssh_through_latency_proxy(testbed: Testbed) -> None:
     assert statistics.median(rtts) < 2 * delay + 0.25, rtts
 
 
+def _zombie_children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = tbmod._proc_stat(int(entry))
+            if info is not None and info[0] == pid and info[1] == "Z":
+                found.append(int(entry))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@needs_testbed
+def test_sessions_leave_no_zombies(testbed: Testbed) -> None:
+    """Orphaned session processes are reaped by the subreaper supervisor."""
+    host = testbed[0]
+    assert host.pid is not None
+    for user in ("root", ALICE):
+        assert host.ssh_run("true", user).returncode == 0
+    deadline = time.monotonic() + 5
+    while _zombie_children(host.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _zombie_children(host.pid) == []
+
+
 @needs_testbed
 def test_stop_kills_everything(tmp_path: Path) -> None:
     tb = Testbed(tmp_path / "tb", count=1).start()
     host = tb[0]
     config = str(host.config_path)
+    # A process that daemonises itself (setsid + fork) escapes its session...
+    daemon = host.ssh_run(
+        "setsid -f sleep 120.5 </dev/null >/dev/null 2>&1; echo ok", ALICE
+    )
+    assert daemon.stdout == "ok\n", daemon.stderr
+    # ...and a session that is still open when stop() runs.
     session = subprocess.Popen(
         host.ssh_argv(ALICE) + ["echo started; exec sleep 120"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -422,23 +459,21 @@ def test_stop_kills_everything(tmp_path: Path) -> None:
         assert session.stdout is not None
         assert _readline(session.stdout, 20) == b"started\n"
         pids = host.process_tree()
-        # listener, per-connection monitor + user child, the sleep
-        assert len(pids) >= 3, pids
+        # supervisor, listener, per-connection monitor + user child, sleeps
+        assert len(pids) >= 5, pids
+        assert any(_cmdline(p) == b"sleep\x00120.5\x00" for p in pids)
         assert host.pid_path.exists()
         tb.stop()
         assert not tb.running
         assert not host.pid_path.exists()
         for pid in pids:
-            assert tbmod._proc_stat(pid) is None or \
-                tbmod._proc_stat(pid)[1] in "ZX", pid  # type: ignore[index]
+            # Gone entirely: not even a zombie left behind.
+            assert tbmod._proc_stat(pid) is None, (pid, _cmdline(pid))
         assert not _port_open(host.address, host.port)
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                try:
-                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                assert config.encode() not in cmdline
+                assert config.encode() not in _cmdline(int(entry))
+                assert _cmdline(int(entry)) != b"sleep\x00120.5\x00"
         assert session.wait(10) == 255  # client noticed the dead server
     finally:
         tb.stop()

@@ -36,14 +36,15 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import grp
 import os
 import pwd
-import grp
 import shutil
 import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -514,6 +515,7 @@ class SshdHost:
 
     @property
     def pid(self) -> int | None:
+        """PID of the supervisor process (the listener sshd is its child)."""
         return self.proc.pid if self.proc is not None else None
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
@@ -523,9 +525,14 @@ class SshdHost:
         if not self.port or not self.host_key_pub:
             raise TestbedError(f"{self.name}: prepare() was not called")
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()  # stale; its reappearance means "ready"
+        grace = f"{STOP_TIMEOUT / 2:.3f}"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [SSHD_PATH, "-D", "-e", "-f", str(self.config_path)],
+                [sys.executable, "-I", str(Path(__file__).resolve()),
+                 _SUPERVISOR_ARG, grace,
+                 SSHD_PATH, "-D", "-e", "-f", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -539,9 +546,13 @@ class SshdHost:
             raise
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Wait (bounded) until sshd accepts connections and sends a banner."""
+        """Wait (bounded) until sshd listens.
+
+        sshd writes its PidFile only after its listening socket is bound, so
+        the file appearing is the readiness signal.  (Probing the port instead
+        would leave "Connection closed" noise in the sshd log.)
+        """
         deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 raise TestbedError(
@@ -549,22 +560,21 @@ class SshdHost:
                     f"(rc={self.proc.returncode if self.proc else None}); "
                     f"log: {self.log_tail()!r}"
                 )
-            try:
-                with socket.create_connection(
-                    (self.address, self.port), timeout=1.0
-                ) as sock:
-                    if sock.recv(64).startswith(b"SSH-"):
-                        return
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.02)
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if int(self.pid_path.read_text()) > 0:
+                    return
+            time.sleep(0.01)
         raise TestbedError(
             f"{self.name}: sshd not ready on {self.address}:{self.port} after "
-            f"{timeout}s ({last_error!r}); log: {self.log_tail()!r}"
+            f"{timeout}s; log: {self.log_tail()!r}"
         )
 
     def process_tree(self) -> list[int]:
-        """PIDs of the listener sshd and all its live descendants."""
+        """PIDs of the supervisor, the listener sshd and all live descendants.
+
+        Thanks to the subreaper supervisor this includes processes that
+        daemonised themselves (double fork / setsid) from an ssh session.
+        """
         if not self.running:
             return []
         assert self.proc is not None
@@ -573,33 +583,25 @@ class SshdHost:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop sshd and every process it spawned (sessions, user commands).
 
-        Per-connection sshd children call setsid(), so they are found by
-        walking the parent chain in /proc before the listener goes away.
-        SIGTERM first, SIGKILL after ``timeout``.  Idempotent.
+        SIGTERM to the supervisor, which SIGTERMs its whole subtree, SIGKILLs
+        leftovers after ``timeout / 2`` and exits once everything is reaped.
+        If it does not exit within ``timeout``, the subtree is SIGKILLed from
+        here.  Idempotent.
         """
         proc = self.proc
         if proc is None:
             return
-        victims: list[tuple[int, int]] = []
         if proc.poll() is None:
-            victims = _descendants(proc.pid)
             _signal(proc.pid, signal.SIGTERM)
-            for pid, _ in victims:
-                _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-        while time.monotonic() < deadline:
-            victims = [v for v in victims if _alive(*v)]
-            if not victims:
-                break
-            time.sleep(0.02)
-        for pid, start in victims:
-            if _alive(pid, start):
-                _signal(pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                victims = _descendants(proc.pid)
+                proc.kill()
+                for pid, start in victims:
+                    if _alive(pid, start):
+                        _signal(pid, signal.SIGKILL)
+                proc.wait(timeout=timeout)
         with contextlib.suppress(FileNotFoundError):
             self.pid_path.unlink()
         self.proc = None
@@ -793,3 +795,97 @@ class Testbed:
         for error in errors:
             if error is not None:
                 raise error
+
+
+# ---------------------------------------------------------------------------
+# Per-host supervisor ("python3 -I testbed.py --supervise GRACE sshd ...")
+# ---------------------------------------------------------------------------
+
+_SUPERVISOR_ARG = "--supervise"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_child_subreaper() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _supervise(grace: float, command: list[str]) -> int:
+    """Run ``command`` as a child subreaper; return its exit code.
+
+    Test-only, controller side.  Why: sshd's per-connection processes call
+    setsid() and some of their children outlive their parents; orphans are
+    reparented to the nearest subreaper.  Without this supervisor they go to
+    PID 1, which in minimal VMs/containers may never reap them (zombies pile
+    up) and which makes them impossible to find at stop().  The supervisor
+    reaps every orphan, and on SIGTERM/SIGINT/SIGHUP, when sshd exits, or when
+    its own parent dies, it SIGTERMs its whole subtree, SIGKILLs what is left
+    after ``grace`` seconds and exits once no child remains (bounded).
+    """
+    parent = os.getppid()
+    _set_child_subreaper()
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    main_pid = os.fork()
+    if main_pid == 0:
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.execv(command[0], command)
+        finally:
+            os._exit(127)
+    main_status: int | None = None
+    term_deadline: float | None = None
+    signalled: set[tuple[int, int]] = set()
+    me = os.getpid()
+
+    def reap() -> bool:
+        """Reap all exited children; True when no child is left."""
+        nonlocal main_status
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return True
+            if pid == 0:
+                return False
+            if pid == main_pid:
+                main_status = os.waitstatus_to_exitcode(status)
+
+    while True:
+        info = signal.sigtimedwait(wanted, 0.2)
+        if reap():
+            break
+        now = time.monotonic()
+        if term_deadline is None:
+            if (
+                (info is not None and info.si_signo != signal.SIGCHLD)
+                or main_status is not None
+                or os.getppid() != parent
+            ):
+                term_deadline = now + grace
+        if term_deadline is None:
+            continue
+        if now < term_deadline:
+            for victim in _descendants(me):
+                if victim not in signalled:
+                    signalled.add(victim)
+                    _signal(victim[0], signal.SIGTERM)
+        elif now < term_deadline + 2.0:
+            for pid, _ in _descendants(me):
+                _signal(pid, signal.SIGKILL)
+        else:
+            print(f"supervisor: giving up on {_descendants(me)}", file=sys.stderr)
+            break
+    if main_status is None:
+        return 0
+    return main_status if main_status >= 0 else 128 - main_status
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == _SUPERVISOR_ARG:
+        sys.exit(_supervise(float(sys.argv[2]), sys.argv[3:]))
+    sys.exit(f"usage: {sys.argv[0]} {_SUPERVISOR_ARG} GRACE COMMAND...")

@@ -20,7 +20,7 @@ from ansible_mitogen_svc.errors import CodecError, DumpError, LoadError
 
 def _same(a: Any, b: Any) -> bool:
     """Equal, with identical types all the way down (so 1 != True and
-    (1,) != [1]); nan equals nan."""
+    (1,) != [1]); nan equals nan and -0.0 differs from 0.0."""
     if type(a) is not type(b):
         return False
     if isinstance(a, float):
@@ -29,10 +29,9 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return (list(a) == list(b) and all(_same(type(k), type(j)) or type(k) is type(j)
-                                           for k, j in zip(a, b))
+        return (len(a) == len(b) and all(_same(k, j) for k, j in zip(a, b))
                 and all(_same(a[k], b[k]) for k in a))
-    return bool(a == b)
+    return bool(a == b)  # scalars, and sets (whose members are plain scalars/tuples here)
 
 
 def _round_trip(value: Any) -> Any:
@@ -82,9 +81,7 @@ def test_bool_stays_bool_and_int_stays_int() -> None:
     [[[[[[[[["deep"]]]]]]]]],
 ])
 def test_round_trip_containers(value: Any) -> None:
-    out = _round_trip(value)
-    assert _same(out, value) or (isinstance(value, (set, frozenset))
-                                 and type(out) is type(value) and out == value)
+    assert _same(_round_trip(value), value)
 
 
 def test_dict_order_preserved() -> None:
@@ -323,8 +320,8 @@ def test_dump_error_names_type_and_path() -> None:
 def test_dump_error_in_dict_key_and_set_member() -> None:
     with pytest.raises(DumpError, match=r"type 'object' at <root>\['x'\]<key \(1, <object"):
         dumps({"x": {(1, object()): 2}})
-    with pytest.raises(DumpError, match=r"type 'Ellipsis' at <root><member \(Ellipsis,\)>\[0\]"):
-        dumps({(Ellipsis,)})
+    with pytest.raises(DumpError, match=r"type 'object' at <root><member \(<object .*>,\)>\[0\]$"):
+        dumps({(object(),)})
 
 
 def test_dump_error_self_referencing_containers() -> None:
@@ -367,11 +364,9 @@ def test_property_round_trip() -> None:
                        | st.sets(hashables, max_size=4) | st.frozensets(hashables, max_size=4)),
         max_leaves=20)
 
-    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.settings(max_examples=200, deadline=None, database=None)
     @hypothesis.given(values)
     def check(value: Any) -> None:
-        out = _round_trip(value)
-        assert out == value
-        assert dumps(out) == dumps(value) or isinstance(value, (set, frozenset, dict))
+        assert _same(_round_trip(value), value)
 
     check()
