@@ -141,15 +141,20 @@ def _serve_until_parent_lost(router: Router, pool: Pool) -> None:
     router.broker.join(5.0)
 
 
-def _make_router(fd_in: int, fd_out: int, cfg: Dict[str, Any]) -> Router:
+def _make_router(cfg: Dict[str, Any]) -> Router:
     name = str(cfg.get("name", "agent"))
     max_body = int(cfg.get("max_body", DEFAULT_MAX_BODY))
     broker = Broker(name + ".broker").start()
-    router = Router(broker, IdRange(int(cfg["id_lo"]), int(cfg["id_hi"])), name=name,
-                    max_body=max_body)
-    stream = Stream(broker, FdTransport(fd_in, fd_out), name + ".parent", max_body)
+    return Router(broker, IdRange(int(cfg["id_lo"]), int(cfg["id_hi"])), name=name,
+                  max_body=max_body)
+
+
+def _attach_parent(router: Router, fd_in: int, fd_out: int, cfg: Dict[str, Any]) -> None:
+    # Only once the Pool has registered its handles: a forked child's
+    # parent may send it a call as soon as fork_child() has returned.
+    stream = Stream(router.broker, FdTransport(fd_in, fd_out), router.name + ".parent",
+                    router.max_body)
     router.attach_parent(stream, int(cfg["parent_id"]))
-    return router
 
 
 def main(config_bytes: bytes) -> None:
@@ -163,9 +168,10 @@ def main(config_bytes: bytes) -> None:
     os.close(null)
     _EXTRA.update(cfg.get("extra_modules", ()))
     fork_server = forkserver.start(child_main) if cfg.get("fork", True) else None
-    router = _make_router(fd_in, fd_out, cfg)
+    router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, fork_server, cfg)], size=POOL_SIZE,
                 function_modules=_may_call)
+    _attach_parent(router, fd_in, fd_out, cfg)
     os.write(fd_out, bootstrap.READY + str(os.getpid()).encode() + b"\n")
     try:
         _serve_until_parent_lost(router, pool)
@@ -179,6 +185,7 @@ def main(config_bytes: bytes) -> None:
 def child_main(fd: int, cfg: Dict[str, Any]) -> None:
     """Entry point of a child forked by the fork parent."""
     _setup_logging(str(cfg.get("name", "child")), int(cfg.get("log_level", logging.WARNING)))
-    router = _make_router(fd, fd, cfg)
+    router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, None, cfg)], size=4, function_modules=_may_call)
+    _attach_parent(router, fd, fd, cfg)
     _serve_until_parent_lost(router, pool)

@@ -54,6 +54,8 @@ SHIPPED_MODULES = (
     "ansible_mitogen_svc.connect",
     "ansible_mitogen_svc.forkserver",
     "ansible_mitogen_svc.jobs",
+    "ansible_mitogen_svc.transfer",
+    "ansible_mitogen_svc.files",
     "ansible_mitogen_svc.agent",
 )
 

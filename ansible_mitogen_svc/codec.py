@@ -2,8 +2,7 @@
 
 Runs on: controller and targets (shipped). Sans-IO.
 
-There is no pickle, marshal or eval here: dumps() accepts only the types in
-the table below, and loads() can only ever build those types.
+No pickle, marshal or eval: loads() can only ever build the types below.
 
 Format
 ------
@@ -44,7 +43,7 @@ from __future__ import annotations
 
 import reprlib
 import struct
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import DumpError, LoadError
 
@@ -74,12 +73,10 @@ _FIXED = {OP_INT8: (struct.Struct(">b").unpack_from, 1),
           OP_FLOAT: (struct.Struct(">d").unpack_from, 8)}
 
 _NoneType = type(None)
-# Order matters: it picks the base to use for a subclass.
+# The builtin bases a subclass can be encoded as.
 _BASES = (str, int, float, bytes, bytearray, dict, list, tuple, set, frozenset)
 _CONTAINER_OPS = {list: OP_LIST, tuple: OP_TUPLE, dict: OP_DICT, set: OP_SET,
                   frozenset: OP_FROZENSET}
-
-_Write = Callable[[bytes], Any]
 
 
 class _Unencodable(Exception):
@@ -98,7 +95,7 @@ def _step(container: Any, item: Any, depth: int) -> str:
     item (or dict key) being encoded when an _Unencodable came up."""
     if isinstance(container, dict):
         try:
-            _enc(item, [].append, depth)
+            _enc(item, lambda _chunk: None, depth)
         except _Unencodable:
             return "<key %s>" % reprlib.repr(item)
         return "[%s]" % reprlib.repr(item)
@@ -111,7 +108,7 @@ def _step(container: Any, item: Any, depth: int) -> str:
     return "[?]"
 
 
-def _enc(obj: Any, write: _Write, depth: int, t: Optional[type] = None) -> None:
+def _enc(obj: Any, write: Callable[[bytes], Any], depth: int, t: Optional[type] = None) -> None:
     """Write ``obj``. ``depth`` is how many more containers may nest. ``t``
     overrides type(obj) to encode a subclass as its builtin base."""
     if t is None:
@@ -193,6 +190,17 @@ def _dec(data: bytes, pos: int, end: int, depth: int, budget: List[int]) -> Tupl
     if pos >= end:
         raise _truncated(pos, 1, end, "opcode")
     op = data[pos]
+    if op == OP_STR:  # the most common value gets its own fast path
+        stop = pos + 5
+        if stop > end:
+            raise _truncated(pos + 1, 4, end, "length")
+        stop += _read_u32(data, pos + 1)[0]
+        if stop > end:
+            raise _truncated(pos + 5, stop - pos - 5, end, "payload")
+        try:
+            return data[pos + 5:stop].decode("utf-8", "surrogatepass"), stop
+        except UnicodeDecodeError as exc:
+            raise LoadError("invalid utf-8 at offset %d" % (pos + 5 + exc.start)) from None
     pos += 1
     if op >= OP_BIGINT:
         if op > OP_FROZENSET:
@@ -201,20 +209,15 @@ def _dec(data: bytes, pos: int, end: int, depth: int, budget: List[int]) -> Tupl
             raise _truncated(pos, 4, end, "length")
         n = _read_u32(data, pos)[0]
         pos += 4
-        if op <= OP_BYTES:
+        if op <= OP_BYTES:  # bytes or big int (str was handled above)
             stop = pos + n
             if stop > end:
                 raise _truncated(pos, n, end, "payload")
-            if op == OP_STR:
-                try:
-                    return data[pos:stop].decode("utf-8", "surrogatepass"), stop
-                except UnicodeDecodeError as exc:
-                    raise LoadError("invalid utf-8 at offset %d" % (pos + exc.start)) from None
             if op == OP_BYTES:
                 return data[pos:stop], stop
             return int.from_bytes(data[pos:stop], "big", signed=True), stop
         start = pos - 5
-        if depth == 0:
+        if depth <= 0:
             raise LoadError("nesting deeper than max_depth at offset %d" % start)
         need = n * 2 if op == OP_DICT else n  # every value takes >= 1 byte
         if need > end - pos:
@@ -224,7 +227,7 @@ def _dec(data: bytes, pos: int, end: int, depth: int, budget: List[int]) -> Tupl
             raise LoadError("too many items: container at offset %d exceeds max_items" % start)
         depth -= 1
         if op == OP_DICT:
-            result = {}
+            result: Dict[Any, Any] = {}
             for _ in range(n):
                 key_pos = pos
                 key, pos = _dec(data, pos, end, depth, budget)
@@ -235,7 +238,7 @@ def _dec(data: bytes, pos: int, end: int, depth: int, budget: List[int]) -> Tupl
                     raise LoadError("non-hashable dict key of type %r at offset %d"
                                     % (type(key).__name__, key_pos)) from None
             return result, pos
-        items = []
+        items: List[Any] = []
         append = items.append
         for _ in range(n):
             item, pos = _dec(data, pos, end, depth, budget)

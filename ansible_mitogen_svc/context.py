@@ -80,6 +80,10 @@ class Router:
         self._handle_seq = itertools.count(FIRST_DYNAMIC_HANDLE)
         self._streams: Dict[int, Stream] = {}
         self._names: Dict[int, str] = {ids.lo: name}
+        # Requests forwarded down a child stream and not yet answered:
+        # stream id -> {(src, reply_to): dst}. When that stream goes away
+        # their callers (elsewhere in the tree) get a DEAD notice from us.
+        self._forwarded: Dict[int, Dict[Tuple[int, int], int]] = {}
         self.parent: Optional[Context] = None
         self.dead_letters = 0
         self.on_parent_lost: Callable[[], None] = lambda: None
@@ -155,6 +159,8 @@ class Router:
         with self._lock:
             d = self.table.decide(msg.dst, ingress.id if ingress else None)
             stream = self._streams.get(d.stream_id) if d.action == FORWARD else None
+            if ingress is not None:
+                self._track_forwarded(msg, ingress, d.stream_id if stream is not None else None)
         if d.action == LOCAL:
             self._deliver(msg, ingress)
         elif stream is not None:
@@ -170,6 +176,15 @@ class Router:
             self._bounce(msg, "routing", reason, ingress)
             if ingress is None and not msg.reply_to:
                 raise RoutingError("%s: %s" % (self.name, reason))
+
+    def _track_forwarded(self, msg: Message, ingress: Stream, egress: Optional[int]) -> None:
+        # Called with self._lock held, for messages that arrived on a stream.
+        answered = self._forwarded.get(ingress.id)
+        if answered:
+            answered.pop((msg.dst, msg.handle), None)
+        if (egress is not None and msg.reply_to and not msg.flags & FLAG_DEAD
+                and egress != self.table.parent_stream):
+            self._forwarded.setdefault(egress, {})[(msg.src, msg.reply_to)] = msg.dst
 
     def _bounce(self, msg: Message, kind: str, reason: str, ingress: Optional[Stream]) -> None:
         """Tell the sender its message could not be delivered."""
@@ -231,9 +246,18 @@ class Router:
                 (lambda i: i in route.ids) if route else (lambda i: False))
             victims = [(k, h) for k, h in self._handles.items()
                        if h.respondent is not None and lost(h.respondent)]
+            forwarded = self._forwarded.pop(stream.id, {})
         reason = "%s disconnected" % stream.name
         if exc is not None:
             reason += ": %s" % exc
+        for (src, reply_to), dst in forwarded.items():
+            notice = Message.encoded(src, self.my_id, reply_to,
+                                     {"kind": "broken", "reason": "context %d: %s" % (dst, reason)},
+                                     flags=FLAG_DEAD)
+            try:
+                self._route(notice, None)
+            except Exception as e:
+                LOG.debug("%s: DEAD notice to context %d not sent: %s", self.name, src, e)
         for handle, h in victims:
             notice = Message.encoded(self.my_id, h.respondent or 0, handle,
                                      {"kind": "broken", "reason": reason}, flags=FLAG_DEAD)

@@ -14,6 +14,10 @@ What it provides:
   plus one client key and a ``known_hosts`` file so that
   :meth:`SshdHost.ssh_argv` gives a fully non-interactive ``ssh`` command.
 
+Each sshd runs under a tiny supervisor (this file run with ``--supervise``)
+that is a child subreaper: processes that daemonise from an ssh session stay
+in its subtree, get reaped, and are killed by :meth:`SshdHost.stop`.
+
 The sshd configs set ``SetEnv SHLVL=1``: bash increments that to 2 at start,
 and bash only sources ``~/.bashrc`` for ssh-launched ``bash -c`` commands when
 its shell level is below 2.  This keeps root's slow ``pyenv init`` out of
@@ -674,7 +678,9 @@ class Testbed:
         authorized_keys/<user>       client public key for root/alice/bob
         hosts/hostN/                 host key, sshd_config, sshd.pid, sshd.log
 
-    ``start()`` also runs :func:`ensure_users`.  Usable as a context manager.
+    ``start()`` also runs :func:`ensure_users`, makes ``workdir`` and its
+    parents searchable (``o+x``) for the test users, and starts the hosts in
+    parallel.  Usable as a context manager; ``stop()`` is idempotent.
     """
 
     __test__ = False

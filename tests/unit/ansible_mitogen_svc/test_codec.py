@@ -272,6 +272,8 @@ def test_max_depth() -> None:
     assert loads(dumps(5), max_depth=0) == 5
     with pytest.raises(LoadError, match="max_depth"):
         loads(dumps([]), max_depth=0)
+    with pytest.raises(LoadError, match="max_depth"):
+        loads(dumps([]), max_depth=-1)
 
 
 def test_depth_bomb_never_raises_recursion_error() -> None:
