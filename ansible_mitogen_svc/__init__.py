@@ -7,8 +7,8 @@ Layering rule (enforced by tests/unit/ansible_mitogen_svc/test_layers.py):
 imports flow one way, from top to bottom of this list, never upwards.
 
 1. pure, sans-IO:   errors, codec, wire, protocol, router, policy, transfer
-2. I/O:             transport, broker, context, service, spawn, forkserver
-3. entry points:    bootstrap, connect, agent, files, jobs, mux
+2. I/O:             transport, broker, context, service, bootstrap, spawn, forkserver
+3. entry points:    connect, agent, files, jobs, mux, target
 Plugins reach this package only through ``plugins/plugin_utils``.
 """
 from __future__ import annotations

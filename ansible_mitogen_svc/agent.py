@@ -145,8 +145,11 @@ def _make_router(cfg: Dict[str, Any]) -> Router:
     name = str(cfg.get("name", "agent"))
     max_body = int(cfg.get("max_body", DEFAULT_MAX_BODY))
     broker = Broker(name + ".broker").start()
-    return Router(broker, IdRange(int(cfg["id_lo"]), int(cfg["id_hi"])), name=name,
-                  max_body=max_body)
+    router = Router(broker, IdRange(int(cfg["id_lo"]), int(cfg["id_hi"])), name=name,
+                    max_body=max_body)
+    # Set before the parent stream exists: it may close at once.
+    router.on_parent_lost = broker.shutdown
+    return router
 
 
 def _attach_parent(router: Router, fd_in: int, fd_out: int, cfg: Dict[str, Any]) -> None:

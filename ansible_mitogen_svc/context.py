@@ -31,7 +31,7 @@ from .errors import (BrokenError, CallError, ClosedError, LoadError,
                      RoutingError, TimeoutError, WouldBlock)
 from .policy import CHILD, PARENT, SELF, Caller
 from .protocol import DEFAULT_MAX_BODY
-from .router import FORWARD, LOCAL, ROOT_RANGE, IdRange, RouteTable
+from .router import FORWARD, LOCAL, REFUSE, ROOT_RANGE, Decision, IdRange, RouteTable
 from .wire import (FIRST_DYNAMIC_HANDLE, FLAG_DEAD, FLAG_ERROR, HANDLE_CALL_FUNCTION,
                    HANDLE_CALL_SERVICE, HANDLE_SHUTDOWN, MAX_HANDLE, Message)
 
@@ -158,6 +158,8 @@ class Router:
     def _route(self, msg: Message, ingress: Optional[Stream]) -> None:
         with self._lock:
             d = self.table.decide(msg.dst, ingress.id if ingress else None)
+            if d.action == REFUSE and ingress is not None:
+                d = self._reply_to_trusted(msg, ingress, d)
             stream = self._streams.get(d.stream_id) if d.action == FORWARD else None
             if ingress is not None:
                 self._track_forwarded(msg, ingress, d.stream_id if stream is not None else None)
@@ -176,6 +178,18 @@ class Router:
             self._bounce(msg, "routing", reason, ingress)
             if ingress is None and not msg.reply_to:
                 raise RoutingError("%s: %s" % (self.name, reason))
+
+    def _reply_to_trusted(self, msg: Message, ingress: Stream, d: Decision) -> Decision:
+        # Called with self._lock held. A trusted child (a controller worker
+        # attached to the mux) may call a sibling (an agent); that agent's
+        # reply, and only a reply to a request we forwarded to it, may flow
+        # back to the trusted child.
+        if (msg.dst, msg.handle) not in self._forwarded.get(ingress.id, {}):
+            return d
+        route = self.table.child_for(msg.dst)
+        if route is None or not route.trusted:
+            return d
+        return Decision(FORWARD, route.stream_id)
 
     def _track_forwarded(self, msg: Message, ingress: Stream, egress: Optional[int]) -> None:
         # Called with self._lock held, for messages that arrived on a stream.

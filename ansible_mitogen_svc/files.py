@@ -30,12 +30,13 @@ the numbered steps in :mod:`ansible_mitogen_svc.transfer`:
   send ``{"abort": reason}``.
 
 Memory: every transfer has at most one window (4 MiB) read but not
-acknowledged, and all transfers of one service share a budget of
-MAX_IN_FLIGHT bytes on top of that, so 100 hosts pulling the same large
-file cost min(100 x 4 MiB, 64 MiB) of buffers on the serving side, and the
-file itself is only ever in the page cache. With the budget spent, a
-transfer waits (in a queue, first come first served) until
-acknowledgements of any transfer refund some. A chunk is sent with the
+acknowledged, and all transfers of one service together at most
+MAX_IN_FLIGHT bytes, so 100 hosts pulling the same large file cost
+min(100 x 4 MiB, 64 MiB) of buffers on the serving side; the file itself
+is only ever in the page cache. With the budget spent, a transfer waits
+(in a queue, first come first served) until acknowledgements of any
+transfer refund some. A chunk is read on the broker thread: ~20 us for
+128 KiB from the page cache; a cold read costs one disk access. A chunk is sent with the
 acknowledgement handle as ``reply_to``, so a router that cannot deliver it
 (the receiver died further down the tree) bounces a DEAD notice there.
 
@@ -225,8 +226,10 @@ class FileService(Service):
             t = _Transfer(ident, path, fd, SenderState(
                 st.st_size, self.chunk_size, win, what="send of %r to context %d"
                 % (path, caller.context_id)), caller.context_id, handle, timeout)
-            t.ack_handle = self.router.add_handler(
-                lambda msg, c, t=t: self._on_ack(t, msg, c), respondent=caller.context_id)
+
+            def on_ack(msg: Message, c: Caller) -> None:
+                self._on_ack(t, msg, c)
+            t.ack_handle = self.router.add_handler(on_ack, respondent=caller.context_id)
         except BaseException:
             os.close(fd)
             raise
@@ -372,7 +375,7 @@ class FileService(Service):
                 self._pump_starved()
                 return
             freed = t.state.on_ack(body.get("ack"))
-        except (LocalProtocolError, Error) as exc:
+        except Error as exc:  # LoadError, LocalProtocolError
             self._abort(t, exc, notify=True)
             self._pump_starved()
             return
@@ -437,6 +440,12 @@ class FileService(Service):
         t.closed = True
         self._budget += t.charged
         t.charged = 0
+        if t.starved:
+            t.starved = False
+            try:
+                self._starved.remove(t)
+            except ValueError:
+                pass
         self.router.del_handler(t.ack_handle)
         with self._lock:
             self._transfers.pop(t.id, None)
@@ -475,8 +484,12 @@ class FileService(Service):
             abort_all()
             return
         done = threading.Event()
+
+        def on_broker() -> None:
+            abort_all()
+            done.set()
         if broker.alive:
-            broker.defer(lambda: (abort_all(), done.set()))
+            broker.defer(on_broker)
             if done.wait(5.0):
                 return
         abort_all()  # the broker is gone: nothing else touches the fds

@@ -66,7 +66,7 @@ Shutdown and abort:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NoReturn, Optional, Tuple
 
 from .errors import LocalProtocolError
 
@@ -177,7 +177,7 @@ class SenderState:
         self.state = DONE if self.acked == self.size else DRAINING
         return True
 
-    def on_ack(self, acked: int) -> int:
+    def on_ack(self, acked: object) -> int:
         """Apply a cumulative acknowledgement; returns the bytes of credit
         it freed. Ignored (returns 0) once ABORTED.
 
@@ -207,7 +207,7 @@ class SenderState:
                 self.error = reason
             self.state = ABORTED
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str) -> NoReturn:
         self.abort(reason)
         raise LocalProtocolError("%s: %s" % (self.what, reason))
 
@@ -249,7 +249,7 @@ class ReceiverState:
     def complete(self) -> bool:
         return self.state == COMPLETE
 
-    def on_chunk(self, offset: int, length: int) -> Optional[int]:
+    def on_chunk(self, offset: object, length: object) -> Optional[int]:
         """Accept the chunk ``[offset, offset + length)`` (call it *before*
         writing the data, and write it before sending the acknowledgement).
         Returns the cumulative acknowledgement to send now, or None.
@@ -280,7 +280,7 @@ class ReceiverState:
             return end
         return None
 
-    def on_end(self, size: int) -> None:
+    def on_end(self, size: object) -> None:
         """The end marker arrived announcing ``size`` bytes in total.
 
         Raises:
@@ -314,5 +314,5 @@ class ReceiverState:
         if self.state == COMPLETE:
             self._fail("%s after the end marker" % what)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str) -> NoReturn:
         raise self.fail(reason)

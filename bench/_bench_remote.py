@@ -15,18 +15,19 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from typing import Any, Dict
 
 
-def noop():
+def noop() -> None:
     """The no-op call: does nothing, returns None."""
     return None
 
 
-def pid():
+def pid() -> int:
     return os.getpid()
 
 
-def fetch(path, dest, timeout=600.0):
+def fetch(path: str, dest: str, timeout: float = 600.0) -> Dict[str, Any]:
     """Pull ``path`` from the controller's FileService into ``dest``;
     return the size and the seconds spent in ``get_file`` on this side.
     ``dest`` is removed afterwards so repeated runs do not fill the disk."""

@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,7 @@ class Params:
         self.rt_n_slow = 40 if quick else 200       # same through the 10 ms RTT proxy
         self.warmup = 30 if quick else 100
         self.conc_secs = 0.7 if quick else 2.0      # per calls/s figure
-        self.boot_n = 3 if quick else 10            # bootstraps per transport
+        self.boot_n = 3 if quick else 15            # bootstraps per transport
         self.boot_n_slow = 2 if quick else 5        # same through the proxy
         self.file_mib = 64 if quick else 256
         self.file_mib_slow = 0 if quick else 64     # FileService through the proxy
@@ -86,18 +87,27 @@ def percentile(samples: List[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def round_trips(fn: Callable[[], Any], n: int, warmup: int) -> Dict[str, Any]:
+def round_trips(fns: Dict[str, Callable[[], Any]], n: int, warmup: int) -> Dict[str, Any]:
+    """Time ``n`` sequential calls of each function in ``fns``. The
+    functions take turns call by call, so load drifting on a shared machine
+    (and anything still settling after the agent started) hits them alike."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
     clock = time.perf_counter
+    items = list(fns.items())
     for _ in range(n):
-        t = clock()
-        fn()
-        samples.append(clock() - t)
-    ms = [x * 1e3 for x in samples]
-    return {"n": n, "p50_ms": percentile(ms, 0.50), "p99_ms": percentile(ms, 0.99),
-            "mean_ms": statistics.fmean(ms), "min_ms": min(ms)}
+        for key, fn in items:
+            t = clock()
+            fn()
+            samples[key].append(clock() - t)
+    out = {}
+    for key, xs in samples.items():
+        ms = [x * 1e3 for x in xs]
+        out[key] = {"n": n, "p50_ms": percentile(ms, 0.50), "p99_ms": percentile(ms, 0.99),
+                    "mean_ms": statistics.fmean(ms), "min_ms": min(ms)}
+    return out
 
 
 def concurrent_rate(fn: Callable[[], Any], threads: int, seconds: float) -> Dict[str, Any]:
@@ -276,6 +286,7 @@ class Msvc:
         self.files: Any = None
         self.file_service: Any = None
         self.extra = ["_bench_remote"]
+        self.files_error = ""
         try:
             from ansible_mitogen_svc import files
             self.files = files
@@ -373,7 +384,7 @@ class Msvc:
         """``n`` bootstrap cycles; over ssh each one is paired with an
         `ssh true` run just before it, so that load drifting on a shared
         machine hits both halves of the difference alike."""
-        cycles = []
+        cycles: List[Dict[str, Any]] = []
         for i in range(n):
             ssh_true = None
             if target.is_ssh:
@@ -411,10 +422,10 @@ class Msvc:
 
         def fn() -> Any:
             return ctx.call(remote.noop)
-        out = {"rt_ping": round_trips(ping, n, warm), "rt_fn": round_trips(fn, n, warm),
-               "conc_ping": concurrent_rate(ping, THREADS, self.p.conc_secs),
-               "conc_fn": concurrent_rate(fn, THREADS, self.p.conc_secs)}
-        return out
+        rt = round_trips({"ping": ping, "fn": fn}, n, warm)
+        return {"rt_ping": rt["ping"], "rt_fn": rt["fn"],
+                "conc_ping": concurrent_rate(ping, THREADS, self.p.conc_secs),
+                "conc_fn": concurrent_rate(fn, THREADS, self.p.conc_secs)}
 
     def file_transfer(self, ctx: Any, src: str, mib: int) -> Dict[str, Any]:
         dest = os.path.join(self.tmp, "fetched-%d" % ctx.context_id)
@@ -444,8 +455,11 @@ def ensure_mitogen(venv: str) -> Dict[str, Any]:
         version = check()
         if version:
             return {"python": py, "version": version, "venv": venv, "reused": True}
+        if os.path.exists(venv):
+            if not os.path.exists(os.path.join(venv, "pyvenv.cfg")):
+                return {"error": "%s exists and is not a venv; not touching it" % venv}
+            shutil.rmtree(venv, ignore_errors=True)  # a broken venv of ours: redo it
         log("creating %s and installing mitogen from PyPI" % venv)
-        shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=180,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
@@ -518,7 +532,7 @@ def mitogen_driver_main(spec_json: str) -> int:
 
     try:
         if spec.get("boot_n"):
-            cycles = []
+            cycles: List[Dict[str, Any]] = []
             for i in range(int(spec["boot_n"])):
                 ssh_true = None
                 if spec.get("ssh_true_argv"):
@@ -557,7 +571,7 @@ def mitogen_driver_main(spec_json: str) -> int:
 
             def fn() -> Any:
                 return ctx.call(_bench_remote.noop)
-            out["rt_fn"] = round_trips(fn, n, warm)
+            out["rt_fn"] = round_trips({"fn": fn}, n, warm)["fn"]
             out["conc_fn"] = concurrent_rate(fn, THREADS, p["conc_secs"])
             out["module_stats"] = router.get_stats()
             stop(ctx)
@@ -651,8 +665,10 @@ def report(res: Dict[str, Any]) -> str:
             cell = "%.1f MB/s (%d MiB in %.2f s)" % (f["mb_per_s"], f["mib"], f["seconds"])
             if not f.get("complete"):
                 cell += " INCOMPLETE"
+        elif isinstance(f, dict) and f.get("skipped"):
+            cell = "skipped: " + f["skipped"]
         elif isinstance(f, dict):
-            cell = f.get("skipped") or f.get("error", "-")
+            cell = "error: %s" % f.get("error", "?")
         else:
             cell = "-"
         rows.append([labels[key], cell])
@@ -669,6 +685,9 @@ def report(res: Dict[str, Any]) -> str:
         lab = labels[key]
         rows.append([lab, "connect (median of %s)" % b.get("n", "?"),
                      ms_fmt(b.get("connect_ms")), mcell(key, "boot", "connect_ms", f=ms_fmt)])
+        rows.append([lab, "first call on the fresh agent (median)",
+                     ms_fmt(b.get("first_call_ms")),
+                     mcell(key, "boot", "first_call_ms", f=ms_fmt)])
         rows.append([lab, "connect + first call (ping / os.getpid)",
                      ms_fmt(b.get("connect_first_call_ms")),
                      mcell(key, "boot", "connect_first_call_ms", f=ms_fmt)])
@@ -715,8 +734,8 @@ def report(res: Dict[str, Any]) -> str:
         notes.append("* %s skipped: %s" % (labels.get(key, key), why))
     for key in labels:
         f = g(ms, key, "file")
-        if isinstance(f, dict) and f.get("skipped"):
-            notes.append("* FileService %s: %s" % (labels[key], f["skipped"]))
+        if isinstance(f, dict) and f.get("why"):
+            notes.append("* FileService %s skipped: %s" % (labels[key], f["why"]))
     notes.append("* 2 shared cores: figures are noisy; medians are reported.")
     return "\n".join(parts + notes)
 
@@ -743,6 +762,10 @@ def os_name() -> str:
     return platform.platform()
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (< 40 s)")
@@ -754,6 +777,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--mitogen-driver", metavar="SPEC", help=argparse.SUPPRESS)
     ap.add_argument("--proxy-server", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop what we started.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     if args.mitogen_driver:
         return mitogen_driver_main(args.mitogen_driver)
     if args.proxy_server:
@@ -828,7 +853,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res["baseline"]["local"] = {"python_ms": timed_command(
             [TARGET_PYTHON, "-c", "pass"], params.boot_n)["median_ms"]}
 
-        src = None
+        src = ""
         if msvc.files is not None:
             src = os.path.join(tmp, "payload.bin")
             with open(src, "wb") as fp:
@@ -858,10 +883,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             # FileService
             mib = params.file_mib_slow if slow else params.file_mib
             if msvc.files is None:
-                mine["file"] = {"skipped": "skipped: files.py not available (%s)"
-                                % msvc.files_error}
+                mine["file"] = {"skipped": "files.py not available",
+                                "why": msvc.files_error}
             elif not mib:
-                mine["file"] = {"skipped": "skipped in --quick"}
+                mine["file"] = {"skipped": "not measured in --quick"}
             else:
                 log("%s: FileService %d MiB" % (key, mib))
                 try:
@@ -893,6 +918,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     res["mitogen"][key]["tcp"] = tcp_bytes(
                         proxies, target, lambda: run_mitogen_driver(mito, bspec, tmp))
         res["goals"] = goals(res)
+        res["meta"]["load_average_end"] = list(os.getloadavg())
     finally:
         log("cleaning up")
         if msvc is not None:

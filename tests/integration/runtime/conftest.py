@@ -13,11 +13,15 @@ Test-only, controller side.
   over ``local``, ``ssh`` (root, /usr/bin/python3), ``chained`` (ssh as
   root, then ``sudo -u msvc-bob``) or ``chained_pw`` (ssh as msvc-alice,
   then ``sudo -p <prompt> -u msvc-bob`` answered with her password). A test
-  restricts transports with ``@pytest.mark.parametrize("transport", [...])``.
+  restricts transports with ``@pytest.mark.parametrize("transport", [...],
+  indirect=True)``.
+* ``start_agent`` (function): connects further agents, optionally with
+  another target interpreter.
+* ``bystander`` (function): a second local agent of the same router.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -117,6 +121,15 @@ def transport(request: pytest.FixtureRequest) -> str:
 def agent(request: pytest.FixtureRequest, transport: str, router: Router,
           controller_pool: Pool) -> Agent:
     return start_transport(request, router, transport)
+
+
+@pytest.fixture
+def start_agent(request: pytest.FixtureRequest, router: Router) -> Callable[..., Agent]:
+    """``start_agent(transport, python=None)`` connects one more agent of
+    the test's router."""
+    def start(transport: str, python: Optional[str] = None) -> Agent:
+        return start_transport(request, router, transport, python=python)
+    return start
 
 
 @pytest.fixture

@@ -183,6 +183,7 @@ def test_four_agents_pull_256mib_concurrently_in_bounded_memory(env: Env, tmp_pa
         results = [p.get(150.0) for p in pending]
     finally:
         growth = sampler.stop()
+        os.unlink(path)  # pytest keeps old tmp_paths: do not leave 256 MiB behind
     elapsed = time.monotonic() - started
 
     for r in results:
@@ -479,3 +480,19 @@ def test_receiver_rejects_broken_streams(make_env: Callable[..., Env], tmp_path:
     # The receiver told the sender it gave up.
     _wait_for("abort message", lambda: env.service.received, 5.0)
     assert "abort" in env.service.received[-1]
+
+
+def test_file_shrinking_under_the_sender_is_reported(env: Env, tmp_path: Any) -> None:
+    path = str(tmp_path / "sparse.bin")
+    with open(path, "wb") as fp:
+        fp.truncate(64 * MiB)
+    env.call("register", path=path)
+    agent = env.agent("shrink")
+    pending = _start_slow_pull(env, agent, path)
+    os.truncate(path, 0)
+    with pytest.raises(CallError) as info:
+        pending.get(30.0)
+    assert info.value.type_name == "builtins.OSError"
+    assert "shrank while being sent" in info.value.message and path in info.value.message
+    stats = env.stats()
+    assert stats["active"] == 0 and stats["aborted"] == 1 and stats["in_flight"] == 0

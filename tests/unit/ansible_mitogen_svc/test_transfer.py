@@ -430,7 +430,7 @@ def _explore(size: int, chunk: int, window: int, ack_every: Optional[int]) -> in
 
 @pytest.mark.parametrize("size, chunk, window, ack_every", [
     (0, 1, 1, None), (5, 1, 1, None), (6, 1, 2, None), (6, 1, 3, 1), (7, 2, 4, None),
-    (7, 2, 4, 1), (8, 3, 5, 2), (9, 1, 4, 3),
+    (7, 2, 4, 1), (8, 3, 5, 2), (9, 1, 4, 3), (12, 1, 6, 1), (16, 2, 8, None),
 ])
 def test_every_interleaving_completes(size, chunk, window, ack_every):
     assert _explore(size, chunk, window, ack_every) > 0

@@ -1,0 +1,312 @@
+# Copyright (c) mitogen.svc developers
+# BSD-3-Clause (see LICENSE)
+from __future__ import annotations
+
+DOCUMENTATION = """
+    name: mitogen_ssh
+    short_description: OpenSSH with one persistent mitogen.svc agent per host and user
+    description:
+        - Connects with the OpenSSH client, like the builtin C(ssh) plugin, but
+          starts one Python agent per (host, user, options) and keeps it for the
+          whole ansible-playbook run. Commands, file transfers and fetches are
+          calls to that agent.
+        - The mitogen.svc strategies swap it in for C(ssh) and C(smart)
+          automatically. It can also be selected by name.
+        - Honours the same options as the builtin C(ssh) plugin listed here.
+          C(ControlMaster), C(ControlPersist) and C(ControlPath) are dropped
+          from O(ssh_args) because the agent is the persistent connection.
+    version_added: 0.1.0
+    author: mitogen.svc developers
+    options:
+      host:
+        description: Hostname or address to connect to.
+        type: string
+        default: inventory_hostname
+        vars:
+          - name: inventory_hostname
+          - name: ansible_host
+          - name: ansible_ssh_host
+          - name: delegated_vars['ansible_host']
+          - name: delegated_vars['ansible_ssh_host']
+        version_added: 0.1.0
+      host_key_checking:
+        description: When false, C(-o StrictHostKeyChecking=no) is passed to ssh.
+        type: boolean
+        default: true
+        ini:
+          - section: defaults
+            key: host_key_checking
+          - section: ssh_connection
+            key: host_key_checking
+        env:
+          - name: ANSIBLE_HOST_KEY_CHECKING
+          - name: ANSIBLE_SSH_HOST_KEY_CHECKING
+        vars:
+          - name: ansible_host_key_checking
+          - name: ansible_ssh_host_key_checking
+        version_added: 0.1.0
+      password:
+        description: Password for the login; answered on a pty when ssh prompts.
+        type: string
+        vars:
+          - name: ansible_password
+          - name: ansible_ssh_pass
+          - name: ansible_ssh_password
+        version_added: 0.1.0
+      ssh_args:
+        description: Arguments given to every ssh invocation.
+        type: string
+        default: -C -o ControlMaster=auto -o ControlPersist=60s
+        ini:
+          - section: ssh_connection
+            key: ssh_args
+        env:
+          - name: ANSIBLE_SSH_ARGS
+        vars:
+          - name: ansible_ssh_args
+        version_added: 0.1.0
+      ssh_common_args:
+        description: Extra arguments for ssh, sftp and scp (only ssh is run here).
+        type: string
+        default: ''
+        ini:
+          - section: ssh_connection
+            key: ssh_common_args
+        env:
+          - name: ANSIBLE_SSH_COMMON_ARGS
+        vars:
+          - name: ansible_ssh_common_args
+        cli:
+          - name: ssh_common_args
+        version_added: 0.1.0
+      ssh_extra_args:
+        description: Extra arguments for ssh only.
+        type: string
+        default: ''
+        ini:
+          - section: ssh_connection
+            key: ssh_extra_args
+        env:
+          - name: ANSIBLE_SSH_EXTRA_ARGS
+        vars:
+          - name: ansible_ssh_extra_args
+        cli:
+          - name: ssh_extra_args
+        version_added: 0.1.0
+      ssh_executable:
+        description: The ssh client to run.
+        type: string
+        default: ssh
+        ini:
+          - section: ssh_connection
+            key: ssh_executable
+        env:
+          - name: ANSIBLE_SSH_EXECUTABLE
+        vars:
+          - name: ansible_ssh_executable
+        version_added: 0.1.0
+      port:
+        description: Remote port; ssh's own default (or ssh_config) when unset.
+        type: int
+        ini:
+          - section: defaults
+            key: remote_port
+        env:
+          - name: ANSIBLE_REMOTE_PORT
+        vars:
+          - name: ansible_port
+          - name: ansible_ssh_port
+        keyword:
+          - name: port
+        version_added: 0.1.0
+      remote_user:
+        description: Login user; ssh's own default (or ssh_config) when unset.
+        type: string
+        ini:
+          - section: defaults
+            key: remote_user
+        env:
+          - name: ANSIBLE_REMOTE_USER
+        vars:
+          - name: ansible_user
+          - name: ansible_ssh_user
+        cli:
+          - name: user
+        keyword:
+          - name: remote_user
+        version_added: 0.1.0
+      pipelining:
+        description: Send modules on stdin instead of copying them first, as for C(ssh).
+        type: boolean
+        default: false
+        ini:
+          - section: defaults
+            key: pipelining
+          - section: connection
+            key: pipelining
+          - section: ssh_connection
+            key: pipelining
+        env:
+          - name: ANSIBLE_PIPELINING
+          - name: ANSIBLE_SSH_PIPELINING
+        vars:
+          - name: ansible_pipelining
+          - name: ansible_ssh_pipelining
+        version_added: 0.1.0
+      private_key_file:
+        description: Private key for the login, passed as C(-o IdentityFile=...).
+        type: string
+        ini:
+          - section: defaults
+            key: private_key_file
+        env:
+          - name: ANSIBLE_PRIVATE_KEY_FILE
+        vars:
+          - name: ansible_private_key_file
+          - name: ansible_ssh_private_key_file
+        cli:
+          - name: private_key_file
+            option: '--private-key'
+        version_added: 0.1.0
+      timeout:
+        description: Seconds to wait for the connection (ssh C(ConnectTimeout)).
+        type: integer
+        default: 10
+        ini:
+          - section: defaults
+            key: timeout
+          - section: ssh_connection
+            key: timeout
+        env:
+          - name: ANSIBLE_TIMEOUT
+          - name: ANSIBLE_SSH_TIMEOUT
+        vars:
+          - name: ansible_ssh_timeout
+        cli:
+          - name: timeout
+        version_added: 0.1.0
+      use_tty:
+        description: Run commands that may escalate privileges on a pty, like C(ssh -tt).
+        type: boolean
+        default: true
+        ini:
+          - section: ssh_connection
+            key: usetty
+        env:
+          - name: ANSIBLE_SSH_USETTY
+        vars:
+          - name: ansible_ssh_use_tty
+        version_added: 0.1.0
+      agent_python:
+        description:
+          - Interpreter that runs the agent on the target. Defaults to
+            C(ansible_python_interpreter) when that is a plain path, else C(python3).
+        type: string
+        vars:
+          - name: ansible_mitogen_ssh_agent_python
+          - name: ansible_python_interpreter
+        env:
+          - name: ANSIBLE_MITOGEN_SSH_AGENT_PYTHON
+        version_added: 0.1.0
+"""
+
+import os
+import typing as t
+
+from ansible.module_utils.common.text.converters import to_text
+
+from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (AgentConnection,
+                                                                              display)
+
+# Options whose effect the persistent agent replaces; kept out of ssh's argv.
+_DROPPED_SSH_OPTIONS = ("controlmaster", "controlpersist", "controlpath")
+
+
+def _without_control_options(args: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-o" and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        elif arg.startswith("-o") and len(arg) > 2:
+            value, step = arg[2:], 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        if value.split("=", 1)[0].strip().lower() not in _DROPPED_SSH_OPTIONS:
+            out += ["-o", value]
+        i += step
+    return out
+
+
+def agent_python(value: t.Any) -> str:
+    text = to_text(value or "").strip()
+    if not text or text.startswith("auto") or " " in text:
+        return "python3"
+    return text
+
+
+class Connection(AgentConnection):
+    """ssh through a persistent mitogen.svc agent."""
+
+    transport = "mitogen.svc.mitogen_ssh"
+
+    def _describe_host(self) -> str:
+        return to_text(self.get_option("host") or self._play_context.remote_addr)
+
+    def _ssh_options(self, password: str | None) -> list[str]:
+        args = _without_control_options(self._split_ssh_args(self.get_option("ssh_args") or ""))
+        if not self.get_option("host_key_checking"):
+            args += ["-o", "StrictHostKeyChecking=no"]
+        port = self.get_option("port")
+        if port:
+            args += ["-o", "Port=%d" % int(port)]
+        key = self.get_option("private_key_file")
+        if key:
+            args += ["-o", 'IdentityFile="%s"' % os.path.expanduser(to_text(key))]
+        if not password:
+            args += ["-o", "KbdInteractiveAuthentication=no",
+                     "-o", "PreferredAuthentications=gssapi-with-mic,gssapi-keyex,hostbased,publickey",
+                     "-o", "PasswordAuthentication=no"]
+        user = self.get_option("remote_user")
+        if user:
+            args += ["-o", 'User="%s"' % to_text(user)]
+        args += ["-o", "ConnectTimeout=%d" % int(self.get_option("timeout"))]
+        for name in ("ssh_common_args", "ssh_extra_args"):
+            args += self._split_ssh_args(self.get_option(name) or "")
+        return args
+
+    def _route_spec(self) -> dict[str, t.Any]:
+        password = self.get_option("password")
+        password = to_text(password) if password else None
+        return {
+            "kind": "ssh",
+            "host": self._describe_host(),
+            "ssh_path": to_text(self.get_option("ssh_executable") or "ssh"),
+            "ssh_args": self._ssh_options(password),
+            "python": agent_python(self.get_option("agent_python")),
+            "password": password,
+            "timeout": int(self.get_option("timeout")),
+        }
+
+    def _connect(self) -> "Connection":
+        if not self._connected:
+            display.vvv("ESTABLISH MITOGEN_SSH CONNECTION FOR USER: %s"
+                        % self.get_option("remote_user"), host=self._describe_host())
+        super()._connect()
+        return self
+
+    def _shell_argv(self, cmd: str) -> list[str]:
+        # sshd hands the command to the login shell: so do we.
+        return [self._login_shell(), "-c", cmd]
+
+    def _login_shell(self) -> str:
+        shell = getattr(self, "_shell_path", None)
+        if shell is None:
+            shell = self._shell_path = to_text(self._target("login_shell"))
+        return shell
+
+    def _use_pty(self, in_data: bytes | None, sudoable: bool) -> bool:
+        return not in_data and sudoable and bool(self.get_option("use_tty"))

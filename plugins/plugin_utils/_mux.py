@@ -1,0 +1,149 @@
+# PRIVATE to the collection: not a public API, may change without notice.
+"""Start the mux (controller main process) and reach it (workers).
+
+Runs on: the controller only. The only glue between Ansible processes and
+:mod:`ansible_mitogen_svc.mux`.
+
+* :func:`ensure_mux` runs in the ansible-playbook process (from a strategy's
+  ``run()``, before workers fork). It starts the mux once per process and
+  remembers its socket path in this module; forked workers inherit it.
+* :func:`client` runs in a worker: one connection to the mux per process,
+  made on first use. Without a mux (the connection plugin used by FQCN
+  under a builtin strategy) the worker hosts the connection services
+  itself, so agents then live only as long as the worker.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import typing as t
+
+from ansible_collections.mitogen.svc.ansible_mitogen_svc import Context, Pool, Router
+from ansible_collections.mitogen.svc.ansible_mitogen_svc import mux as _mux_mod
+from ansible_collections.mitogen.svc.ansible_mitogen_svc.files import FileService
+from ansible_collections.mitogen.svc.ansible_mitogen_svc.wire import HANDLE_CALL_FUNCTION
+
+CONNECTION_SERVICE = _mux_mod.ConnectionService.name
+TARGET_MODULE = _mux_mod.TARGET_MODULE
+# The runtime package directory's parent: the collection root.
+_COLLECTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_mux_mod.__file__)))
+MUX_START_TIMEOUT = 30.0
+
+
+class MuxStartError(RuntimeError):
+    """The mux process could not be started."""
+
+
+class _MuxProcess:
+    def __init__(self, proc: subprocess.Popen, path: str) -> None:
+        self.proc = proc
+        self.path = path
+        self.owner_pid = os.getpid()
+
+
+_state: dict[str, t.Any] = {"mux": None, "client": None}
+_lock = threading.Lock()
+
+
+def _start_mux() -> _MuxProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_COLLECTION_ROOT, env.get("PYTHONPATH")) if p)
+    code = "from ansible_mitogen_svc.mux import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
+                            env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line.startswith(_mux_mod.READY):
+        proc.kill()
+        proc.wait()
+        raise MuxStartError("mitogen.svc mux failed to start (exit status %s, said %r)"
+                            % (proc.returncode, line[:200]))
+    # stdin stays open: its write end is the mux's lifeline. EOF (our exit,
+    # even by SIGKILL, once forked workers are gone) stops the mux.
+    return _MuxProcess(proc, line[len(_mux_mod.READY):].strip().decode())
+
+
+def ensure_mux() -> str:
+    """Start the mux if this process has none running; returns its socket
+    path. Raises MuxStartError."""
+    with _lock:
+        mux = _state["mux"]
+        if mux is None or mux.owner_pid != os.getpid() or mux.proc.poll() is not None:
+            mux = _state["mux"] = _start_mux()
+        return mux.path
+
+
+def mux_path() -> str | None:
+    mux = _state["mux"]
+    return mux.path if mux is not None else None
+
+
+class Client:
+    """This process's view of the connection services: its Router, the
+    context serving ConnectionService (the mux, or ourselves), and the pool
+    when we serve it ourselves."""
+
+    def __init__(self, router: Router, service_ctx: Context, pool: Pool | None) -> None:
+        self.router = router
+        self.service_ctx = service_ctx
+        self.pool = pool
+        self.pid = os.getpid()
+
+    def connection_call(self, method: str, timeout: float, **kwargs: t.Any) -> t.Any:
+        return self.service_ctx.call_service_async(CONNECTION_SERVICE, method,
+                                                   **kwargs).get(timeout)
+
+    def target_call(self, agent_id: int, function: str, *args: t.Any,
+                    timeout: float = 3600.0, **kwargs: t.Any) -> t.Any:
+        ctx = self.router.context(agent_id)
+        pending = ctx.send_call(HANDLE_CALL_FUNCTION, (TARGET_MODULE, function, args, kwargs),
+                                "%s.%s()" % (TARGET_MODULE, function))
+        return pending.get(timeout)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop(timeout=2.0)
+        self.router.shutdown()
+        self.router.join(15.0)
+
+
+def _in_process_client() -> Client:
+    router = Router(name="worker.%d" % os.getpid())
+    files = FileService(router)
+    conns = _mux_mod.ConnectionService(router, files)
+    pool = Pool(router, [files, conns], size=4)
+    return Client(router, router.context(0, "self"), pool)
+
+
+def client() -> Client:
+    """The Client of this process, connected on first use.
+
+    Raises:
+        OSError / ConnectionError: the mux cannot be reached.
+    """
+    with _lock:
+        cur = _state["client"]
+        if cur is not None and cur.pid == os.getpid():
+            return cur
+        path = mux_path()
+        if path is None:
+            cur = _in_process_client()
+        else:
+            router, mux = _mux_mod.attach_worker(path)
+            cur = Client(router, mux, None)
+        _state["client"] = cur
+        return cur
+
+
+def transient_client() -> Client | None:
+    """A fresh connection to the mux for one call from the main process
+    (``meta: reset_connection``); close it after use. None without a mux."""
+    path = mux_path()
+    if path is None:
+        return None
+    router, mux = _mux_mod.attach_worker(path, name="main")
+    return Client(router, mux, None)

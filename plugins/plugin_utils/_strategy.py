@@ -1,0 +1,61 @@
+# PRIVATE to the collection: not a public API, may change without notice.
+"""What every mitogen.svc strategy does around the builtin strategy's run().
+
+Runs on: the controller (ansible-playbook main process).
+
+:func:`activated` starts the mux (once per process) and, for the duration of
+the strategy's ``run()``, makes ``connection_loader.get_with_context`` hand
+out this collection's connection plugins for ``ssh``, ``smart`` and
+``local``. Workers fork inside ``run()`` and inherit the switch; plays run
+by other strategies see the stock plugins.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import typing as t
+
+from ansible.plugins.loader import connection_loader
+
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux
+
+#: Stock connection names and the plugin replacing each under the strategy.
+REPLACEMENTS = {
+    "ssh": "mitogen.svc.mitogen_ssh",
+    "ansible.builtin.ssh": "mitogen.svc.mitogen_ssh",
+    "smart": "mitogen.svc.mitogen_ssh",
+    "ansible.builtin.smart": "mitogen.svc.mitogen_ssh",
+    "local": "mitogen.svc.mitogen_local",
+    "ansible.builtin.local": "mitogen.svc.mitogen_local",
+}
+
+_switch = {"active": 0}
+
+
+def _install_hook() -> None:
+    current = connection_loader.get_with_context
+    if getattr(current, "_mitogen_svc_hook", False):
+        return
+
+    @functools.wraps(current)
+    def get_with_context(name: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        if _switch["active"] and isinstance(name, str):
+            name = REPLACEMENTS.get(name, name)
+        return current(name, *args, **kwargs)
+
+    get_with_context._mitogen_svc_hook = True  # type: ignore[attr-defined]
+    # An instance attribute on the one shared loader: PluginLoader.get()
+    # and the TaskExecutor both look it up through the instance.
+    connection_loader.get_with_context = get_with_context  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def activated() -> t.Iterator[None]:
+    """Start the mux, route stock connections to ours while the block runs."""
+    _mux.ensure_mux()
+    _install_hook()
+    _switch["active"] += 1
+    try:
+        yield
+    finally:
+        _switch["active"] -= 1

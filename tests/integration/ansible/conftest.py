@@ -1,0 +1,135 @@
+"""Fixtures of the Ansible integration tests: sshd targets, an installed
+collection, an inventory and a runner for ansible-playbook.
+
+Test-only, controller side.
+
+* ``testbed`` (module): two sshd hosts from tests/lib/testbed.py.
+* ``ansible_env`` (module): a temporary ``ANSIBLE_COLLECTIONS_PATH`` holding
+  ``ansible_collections/mitogen/svc`` -> this repository, an inventory of
+  the testbed hosts (root, /usr/bin/python3) and a private ``ANSIBLE_HOME``.
+* :func:`run_playbook` runs ``ansible-playbook`` from the test venv with the
+  ``msvc_capture`` callback and returns the captured results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+ANSIBLE_BIN = Path(os.environ.get("MSVC_ANSIBLE_BIN", REPO / ".venv" / "test" / "bin"))
+PLAYBOOKS = HERE / "playbooks"
+HOSTS = 2
+
+
+def ansible_available() -> Optional[str]:
+    if not (ANSIBLE_BIN / "ansible-playbook").exists():
+        return "no ansible-playbook in %s" % ANSIBLE_BIN
+    return None
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory: pytest.TempPathFactory, leak_exemptions: Any) -> Iterator[Any]:
+    why = ansible_available()
+    if why:
+        pytest.skip(why)
+    from tests.lib.testbed import Testbed, TestbedError
+    ok, reason = Testbed.available()
+    if not ok:
+        pytest.skip("sshd testbed unavailable: %s" % reason)
+    tb = Testbed(tmp_path_factory.mktemp("ansible-testbed"), count=HOSTS)
+    try:
+        tb.start()
+    except (TestbedError, OSError) as exc:
+        pytest.skip("sshd testbed cannot run: %s" % exc)
+    for host in tb.hosts:
+        for pid in host.process_tree():
+            leak_exemptions.add_process(pid)
+    try:
+        yield tb
+    finally:
+        tb.stop()
+
+
+class AnsibleEnv:
+    """Where the collection, inventory and Ansible state live for a module."""
+
+    def __init__(self, root: Path, testbed: Any) -> None:
+        self.root = root
+        coll = root / "collections" / "ansible_collections" / "mitogen"
+        coll.mkdir(parents=True)
+        (coll / "svc").symlink_to(REPO)
+        self.collections = root / "collections"
+        self.home = root / "ansible-home"
+        self.home.mkdir()
+        self.inventory = root / "inventory.ini"
+        lines = ["[targets]"]
+        for host in testbed.hosts:
+            common = " ".join(["-o IdentitiesOnly=yes", "-o StrictHostKeyChecking=yes",
+                               "-o UserKnownHostsFile=%s" % host.known_hosts_path,
+                               "-o LogLevel=ERROR"])
+            lines.append("%s ansible_host=%s ansible_port=%d ansible_user=root "
+                         "ansible_ssh_private_key_file=%s ansible_ssh_common_args='%s' "
+                         "ansible_python_interpreter=/usr/bin/python3"
+                         % (host.name, host.address, host.port, host.key_path, common))
+        lines += ["", "[local]", "localhost ansible_connection=local "
+                  "ansible_python_interpreter=%s" % sys.executable]
+        self.inventory.write_text("\n".join(lines) + "\n")
+
+    def env(self, strategy: str, capture: Path, extra: Optional[Dict[str, str]] = None
+            ) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+        env.update({
+            "ANSIBLE_COLLECTIONS_PATH": str(self.collections),
+            "ANSIBLE_HOME": str(self.home),
+            "ANSIBLE_LOCAL_TEMP": str(self.home / "tmp"),
+            "ANSIBLE_CALLBACK_PLUGINS": str(HERE / "callback_plugins"),
+            "ANSIBLE_CALLBACKS_ENABLED": "msvc_capture",
+            "ANSIBLE_STRATEGY": strategy,
+            "ANSIBLE_INVENTORY": str(self.inventory),
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_DEPRECATION_WARNINGS": "False",
+            "ANSIBLE_FORKS": "4",
+            "MSVC_CAPTURE_FILE": str(capture),
+        })
+        env.update(extra or {})
+        return env
+
+
+@pytest.fixture(scope="module")
+def ansible_env(tmp_path_factory: pytest.TempPathFactory, testbed: Any) -> AnsibleEnv:
+    return AnsibleEnv(tmp_path_factory.mktemp("ansible-env"), testbed)
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess, entries: List[Dict[str, Any]]) -> None:
+        self.proc = proc
+        self.rc = proc.returncode
+        self.results = [e for e in entries if e.get("seq") != "stats"]
+        stats = [e for e in entries if e.get("seq") == "stats"]
+        self.stats = stats[-1]["stats"] if stats else None
+
+
+def run_playbook(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
+                 extra_vars: Optional[Dict[str, str]] = None, timeout: float = 120.0,
+                 extra_env: Optional[Dict[str, str]] = None) -> Run:
+    capture = env.root / ("%s.%s.jsonl" % (Path(playbook).stem, tag))
+    if capture.exists():
+        capture.unlink()
+    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / playbook)]
+    for k, v in (extra_vars or {}).items():
+        argv += ["-e", "%s=%s" % (k, v)]
+    proc = subprocess.run(argv, env=env.env(strategy, capture, extra_env), cwd=str(env.root),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+    entries = []
+    if capture.exists():
+        entries = [json.loads(line) for line in capture.read_text().splitlines() if line]
+    return Run(proc, entries)
