@@ -170,7 +170,8 @@ def main(config_bytes: bytes) -> None:
     os.dup2(2, 1)  # stray prints must never corrupt the frame stream
     os.close(null)
     _EXTRA.update(cfg.get("extra_modules", ()))
-    fork_server = forkserver.start(child_main) if cfg.get("fork", True) else None
+    fork_server = (forkserver.start(child_main, close_fds=(fd_in, fd_out))
+                   if cfg.get("fork", True) else None)
     router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, fork_server, cfg)], size=POOL_SIZE,
                 function_modules=_may_call)

@@ -102,13 +102,18 @@ def _serve(sock: socket.socket, child_main: Callable[[int, dict], None]) -> None
         _send(sock, {"pid": pid})
 
 
-def start(child_main: Callable[[int, dict], None]) -> "ForkServer":
-    """Fork the fork parent now. Call before any thread exists."""
+def start(child_main: Callable[[int, dict], None],
+          close_fds: Tuple[int, ...] = ()) -> "ForkServer":
+    """Fork the fork parent now. Call before any thread exists.
+    ``close_fds`` (the agent's own stream) are closed in the fork parent,
+    so neither it nor any child it forks can write to them."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         try:
             parent.close()
+            for fd in close_fds:
+                os.close(fd)
             _serve(child, child_main)
         finally:
             os._exit(0)

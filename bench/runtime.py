@@ -733,6 +733,11 @@ def report(res: Dict[str, Any]) -> str:
     for key, why in res["skipped"].items():
         notes.append("* %s skipped: %s" % (labels.get(key, key), why))
     for key in labels:
+        if g(ms, key, "error"):
+            notes.append("* msvc %s: %s" % (labels[key], ms[key]["error"]))
+        if g(mg, key, "error"):
+            notes.append("* mitogen %s: %s" % (labels[key], mg[key]["error"]))
+    for key in labels:
         f = g(ms, key, "file")
         if isinstance(f, dict) and f.get("why"):
             notes.append("* FileService %s skipped: %s" % (labels[key], f["why"]))
@@ -866,40 +871,47 @@ def main(argv: Optional[List[str]] = None) -> int:
             slow = key == "ssh10"
             mine: Dict[str, Any] = {}
             res["msvc"][key] = mine
-            # bootstrap
-            log("%s: msvc bootstrap%s" % (key, " (each after an `ssh true`)" if target.is_ssh
-                                          else ""))
-            mine["boot"] = msvc.bootstrap_series(
-                target, params.boot_n_slow if slow else params.boot_n)
-            if key == "local":
-                res["stage2"]["config_bytes"] = mine["boot"]["config_bytes"]
-            if key == "ssh" and proxies is not None:
-                mine["tcp"] = tcp_bytes(proxies, target, lambda: msvc.bootstrap_cycle(
-                    target, "bytes", via=proxies.addresses[0]))
-            # calls
-            log("%s: msvc round trips and concurrency" % key)
-            ctx = msvc.start(target, "bench-" + key)
-            mine.update(msvc.calls(ctx, slow))
-            # FileService
-            mib = params.file_mib_slow if slow else params.file_mib
-            if msvc.files is None:
-                mine["file"] = {"skipped": "files.py not available",
-                                "why": msvc.files_error}
-            elif not mib:
-                mine["file"] = {"skipped": "not measured in --quick"}
-            else:
-                log("%s: FileService %d MiB" % (key, mib))
-                try:
-                    path = src
-                    if mib != params.file_mib:
-                        path = os.path.join(tmp, "payload-%d.bin" % mib)
-                        with open(src, "rb") as a, open(path, "wb") as b:
-                            b.write(a.read(mib << 20))
-                        msvc.file_service.register(path)
-                    mine["file"] = msvc.file_transfer(ctx, path, mib)
-                except Exception as exc:
-                    mine["file"] = {"error": "%s: %s" % (type(exc).__name__, str(exc)[:200])}
-            msvc.stop(ctx)
+            ctx = None
+            try:
+                # bootstrap
+                log("%s: msvc bootstrap%s" % (key, " (each after an `ssh true`)" if target.is_ssh
+                                              else ""))
+                mine["boot"] = msvc.bootstrap_series(
+                    target, params.boot_n_slow if slow else params.boot_n)
+                if key == "local":
+                    res["stage2"]["config_bytes"] = mine["boot"]["config_bytes"]
+                if key == "ssh" and proxies is not None:
+                    mine["tcp"] = tcp_bytes(proxies, target, lambda: msvc.bootstrap_cycle(
+                        target, "bytes", via=proxies.addresses[0]))
+                # calls
+                log("%s: msvc round trips and concurrency" % key)
+                ctx = msvc.start(target, "bench-" + key)
+                mine.update(msvc.calls(ctx, slow))
+                # FileService
+                mib = params.file_mib_slow if slow else params.file_mib
+                if msvc.files is None:
+                    mine["file"] = {"skipped": "files.py not available",
+                                    "why": msvc.files_error}
+                elif not mib:
+                    mine["file"] = {"skipped": "not measured in --quick"}
+                else:
+                    log("%s: FileService %d MiB" % (key, mib))
+                    try:
+                        path = src
+                        if mib != params.file_mib:
+                            path = os.path.join(tmp, "payload-%d.bin" % mib)
+                            with open(src, "rb") as a, open(path, "wb") as b:
+                                b.write(a.read(mib << 20))
+                            msvc.file_service.register(path)
+                        mine["file"] = msvc.file_transfer(ctx, path, mib)
+                    except Exception as exc:
+                        mine["file"] = {"error": "%s: %s" % (type(exc).__name__, str(exc)[:200])}
+            except Exception as exc:  # keep going: the other figures are still worth having
+                mine["error"] = "%s: %s" % (type(exc).__name__, str(exc)[:300])
+                log("msvc %s failed: %s" % (key, mine["error"]))
+            finally:
+                if ctx is not None:
+                    msvc.stop(ctx)
 
             # mitogen, same target
             if "error" not in mito:

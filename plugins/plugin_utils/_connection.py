@@ -97,6 +97,10 @@ class AgentConnection(ConnectionBase):
                      sudoable: bool = True) -> tuple[int, bytes, bytes]:
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         display.vvv("EXEC %s" % to_text(cmd), host=self._describe_host())
+        if sudoable and self.become is not None and self.become.expect_prompt():
+            # The prompt would wait on the pty forever: fail clearly instead.
+            raise AnsibleError("mitogen.svc does not support %s with a password yet "
+                               "(become without a password works)" % self.become.name)
         use_pty = self._use_pty(in_data, sudoable)
         try:
             res = self._target("run_command", self._shell_argv(to_text(cmd)), in_data, use_pty)

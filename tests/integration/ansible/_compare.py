@@ -30,12 +30,19 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+#: stat fields of files the playbook itself created a moment earlier.
+FRESH_FILE_KEYS = frozenset({"atime", "ctime", "mtime", "inode", "version"})
+
+
 def normalise(entry: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in entry.items() if k != "seq"}
     result = dict(out.get("result") or {})
     facts = result.get("ansible_facts")
     if isinstance(facts, dict):
         result["ansible_facts"] = {k: v for k, v in facts.items() if k not in VOLATILE_FACTS}
+    stat = result.get("stat")
+    if isinstance(stat, dict):
+        result["stat"] = {k: v for k, v in stat.items() if k not in FRESH_FILE_KEYS}
     out["result"] = _scrub(result)
     return out
 

@@ -97,6 +97,10 @@ class AnsibleEnv:
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_DEPRECATION_WARNINGS": "False",
             "ANSIBLE_FORKS": "4",
+            # Vanilla's default keeps an ssh master (and an sshd session on the
+            # target) for 60 s after the run; the suite must leave nothing,
+            # so masters here linger 2 s (still shared between tasks).
+            "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=2s",
             "MSVC_CAPTURE_FILE": str(capture),
         })
         env.update(extra or {})

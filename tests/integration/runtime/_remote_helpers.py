@@ -119,6 +119,16 @@ def parent_stream_fd() -> int:
     return stream.transport.wfd
 
 
+def parent_stream_targets() -> List[str]:
+    """What this context's parent stream fds point at (``socket:[n]``,
+    ``pipe:[n]``), to look for copies of them in other processes."""
+    router = current_call().router
+    stream = router.stream_to(router.parent.context_id if router.parent else 0)
+    assert stream is not None, "no parent stream"
+    fds = {stream.transport.rfd, stream.transport.wfd}
+    return sorted({os.readlink("/proc/self/fd/%d" % fd) for fd in fds})
+
+
 def close_stream_to(context_id: int) -> bool:
     """Close this context's stream towards ``context_id`` (a child)."""
     router = current_call().router

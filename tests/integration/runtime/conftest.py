@@ -21,6 +21,9 @@ Test-only, controller side.
 """
 from __future__ import annotations
 
+import pathlib
+import shutil
+import tempfile
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -40,15 +43,20 @@ CONNECT_TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="session")
-def testbed(tmp_path_factory: pytest.TempPathFactory, leak_exemptions: Any) -> Iterator[Any]:
+def testbed(leak_exemptions: Any) -> Iterator[Any]:
     from tests.lib.testbed import Testbed, TestbedError
     ok, reason = Testbed.available()
     if not ok:
         pytest.skip("sshd testbed unavailable: %s" % reason)
-    tb = Testbed(tmp_path_factory.mktemp("testbed"), count=1)
+    # Not under pytest's basetemp: any pytest run as root (re)sets
+    # /tmp/pytest-of-root to 0700, and then sshd, reading authorized_keys
+    # as msvc-alice, can no longer reach our workdir.
+    workdir = tempfile.mkdtemp(prefix="msvc-runtime-testbed-", dir="/tmp")
+    tb = Testbed(pathlib.Path(workdir), count=1)
     try:
         tb.start()
     except (TestbedError, OSError) as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
         pytest.skip("sshd testbed cannot run: %s" % exc)
     for host in tb.hosts:  # supervisor and listener live for the session
         for pid in host.process_tree():
@@ -57,6 +65,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory, leak_exemptions: Any) -> I
         yield tb
     finally:
         tb.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import pytest
 
 import _remote_helpers as rh
-from _remote_helpers import AGENT, Agent, wait_gone
+from _remote_helpers import AGENT, JOBS, Agent, wait_gone
 from ansible_mitogen_svc import BrokenError, Context, RoutingError, call
-from ansible_mitogen_svc.wire import HEADER, MAGIC, WIRE_VERSION
+from ansible_mitogen_svc.wire import HANDLE_CALL_SERVICE, HEADER, MAGIC, WIRE_VERSION, Message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,6 +80,47 @@ def test_agent_killed_during_a_long_call(agent: Agent, bystander: Context) -> No
         os.kill(agent.pid, signal.SIGKILL)
         return pending
     _check_fails_fast(agent, bystander, start, "disconnected")
+
+
+def test_bad_calls_from_target(agent: Agent, bystander: Context) -> None:
+    """Unknown service, unknown method and wrong argument types sent by a
+    target are refused with a clear error at once; the target's stream and
+    everyone else carry on."""
+    cases = [
+        ("tests.Missing", "anything", {}, "no such service in context 0 (controller)"),
+        ("tests.Guarded", "missing", {}, "no such exposed method"),
+        ("tests.Guarded", "typed", {"count": [1], "label": "x"},
+         "argument 'count' must be int, got list"),
+        (JOBS, "push", {"job_id": 7, "result": None}, "argument 'job_id' must be str, got int"),
+    ]
+    for service, method, kwargs, reason in cases:
+        t0 = time.monotonic()
+        out = agent.context.call(rh.call_controller, service, method, kwargs)
+        assert time.monotonic() - t0 < BOUND
+        assert out["ok"] is False and out["class"] == "RefusedError", out
+        assert out["message"] == "refused call to %s.%s(): %s" % (service, method, reason)
+    assert call(agent.context, AGENT, "ping") is True
+    assert call(bystander, AGENT, "ping") is True
+
+
+@pytest.mark.parametrize("transport", ["local", "chained"], indirect=True)
+def test_forged_source_closes_the_stream(agent: Agent, bystander: Context) -> None:
+    """A well-formed frame claiming to come from the controller is refused
+    by the ingress check of the stream's receiving end."""
+    forged = Message.encoded(0, 0, HANDLE_CALL_SERVICE, ("tests.Guarded", "anyone", {}),
+                             auth=0).pack()
+    lo = agent.context.context_id
+    _check_fails_fast(agent, bystander,
+                      lambda: agent.context.call_async(rh.write_raw, forged),
+                      "child stream owning ids [%d, " % lo)
+
+
+def test_target_cannot_reach_a_sibling(agent: Agent, bystander: Context) -> None:
+    out = agent.context.call(rh.call_context, bystander.context_id, AGENT, "ping", {})
+    assert out["ok"] is False and out["class"] == "RoutingError", out
+    assert "route from a sibling to context %d refused" % bystander.context_id in out["str"]
+    assert call(bystander, AGENT, "ping") is True
+    assert call(agent.context, AGENT, "ping") is True
 
 
 @pytest.mark.parametrize("transport", ["local"], indirect=True)

@@ -73,3 +73,39 @@ def test_killing_the_first_agent_ends_the_chain(agent: Agent) -> None:
         pending.get(15.0)
     assert time.monotonic() - t0 < 10.0
     assert wait_gone(pids, EXIT_BOUND) == []
+
+
+def _fd_targets(pid: int) -> set:
+    out = set()
+    for name in os.listdir("/proc/%d/fd" % pid):
+        try:
+            out.add(os.readlink("/proc/%d/fd/%s" % (pid, name)))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("transport", ["local", "ssh"], indirect=True)
+def test_fork_parent_and_children_hold_no_copy_of_the_agent_stream(agent: Agent) -> None:
+    """Otherwise a forked (task) child could write frames as its agent,
+    and the agent's death would go unnoticed while a child lives."""
+    stream = set(agent.context.call(rh.parent_stream_targets))
+    assert stream and all(t.startswith(("socket:", "pipe:")) for t in stream)
+    child = connect.fork(agent.context, name="fds")
+    fork_parent = agent.info()["fork_parent_pid"]
+    assert stream <= _fd_targets(agent.pid)
+    assert not stream & _fd_targets(fork_parent)
+    assert not stream & _fd_targets(child.pid)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["local"], indirect=True)
+def test_killed_agent_with_live_children_is_noticed_at_once(agent: Agent) -> None:
+    child = connect.fork(agent.context, name="busy")
+    pending = child.call_async(rh.sleep, 120)
+    pids = [agent.pid, agent.info()["fork_parent_pid"], child.pid]  # type: ignore[attr-defined]
+    os.kill(agent.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(BrokenError, match="disconnected"):
+        pending.get(15.0)
+    assert time.monotonic() - t0 < 2.0
+    assert wait_gone(pids, EXIT_BOUND) == []

@@ -1,0 +1,126 @@
+"""mitogen_linear against vanilla linear on real sshd targets, and the
+lifetime of the mux and agents.
+
+Test-only, controller side. Every scenario runs under vanilla ``linear``
+and under ``mitogen.svc.mitogen_linear``; the captured results must be equal
+after :mod:`_compare` removed timing fields.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compare import normalise_all  # noqa: E402
+from conftest import ANSIBLE_BIN, PLAYBOOKS, AnsibleEnv, run_playbook  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+MITOGEN = "mitogen.svc.mitogen_linear"
+MUX_MARK = b"ansible_mitogen_svc.mux import main"
+AGENT_MARK = b"base64.b64decode"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as fp:
+            return fp.read()
+    except OSError:
+        return b""
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as fp:
+            return fp.read()
+    except OSError:
+        return b""
+
+
+def mux_pids(env: AnsibleEnv) -> List[int]:
+    """Mux processes started for ``env`` (its private ANSIBLE_HOME)."""
+    mark = b"ANSIBLE_HOME=" + str(env.home).encode() + b"\0"
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and MUX_MARK in _cmdline(int(p)) and mark in _environ(int(p))]
+
+
+def agent_pids(testbed: Any) -> List[int]:
+    """Agents running under the testbed's sshd servers."""
+    return [pid for host in testbed.hosts for pid in host.process_tree()
+            if AGENT_MARK in _cmdline(pid)]
+
+
+def wait_until(cond: Any, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return bool(cond())
+
+
+def _describe(run: Any) -> str:
+    return "rc=%s\nstdout:\n%s\nstderr:\n%s" % (run.rc, run.proc.stdout[-4000:],
+                                                 run.proc.stderr[-4000:])
+
+
+def test_basics_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    fetched = ansible_env.root / "fetched"
+    runs = {}
+    for strategy in ("linear", MITOGEN):
+        shutil.rmtree(fetched, ignore_errors=True)
+        run = run_playbook(ansible_env, "basics.yml", strategy, strategy.replace(".", "_"),
+                           extra_vars={"fetch_dir": str(fetched)})
+        assert run.rc == 0, _describe(run)
+        runs[strategy] = run
+    vanilla, ours = runs["linear"], runs[MITOGEN]
+    assert len(vanilla.results) == 28
+    assert vanilla.stats == ours.stats
+    for a, b in zip(normalise_all(vanilla.results), normalise_all(ours.results)):
+        assert a == b
+    assert len(vanilla.results) == len(ours.results)
+    assert wait_until(lambda: not mux_pids(ansible_env) and not agent_pids(testbed)), \
+        "mux %s / agents %s left after ansible-playbook exited" % (
+            mux_pids(ansible_env), agent_pids(testbed))
+
+
+def test_short_name_through_shim(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    shim = Path(__file__).resolve().parents[3] / "plugins" / "strategy_shim"
+    run = run_playbook(ansible_env, "smoke.yml", "mitogen_linear", "shim",
+                       extra_env={"ANSIBLE_STRATEGY_PLUGINS": str(shim)})
+    assert run.rc == 0, _describe(run)
+    assert [r["status"] for r in run.results] == ["ok"] * 4
+    assert {r["result"]["stdout"] for r in run.results if r["action"] == "command"} == {"smoke"}
+
+
+def test_sigkill_leaves_nothing(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "sleeper.yml")]
+    env = ansible_env.env(MITOGEN, ansible_env.root / "sleeper.jsonl")
+    proc = subprocess.Popen(argv, env=env, cwd=str(ansible_env.root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        assert wait_until(lambda: len(agent_pids(testbed)) >= len(testbed.hosts), 60.0), \
+            "agents never started"
+        assert mux_pids(ansible_env)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert wait_until(lambda: not mux_pids(ansible_env) and not agent_pids(testbed)), \
+            "mux %s / agents %s survived SIGKILL of ansible-playbook" % (
+                mux_pids(ansible_env), agent_pids(testbed))
+    finally:
+        try:  # the orphaned worker still pausing, if any
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
