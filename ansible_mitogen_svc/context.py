@@ -222,7 +222,12 @@ class Router:
             reason = self.table.check_ingress(msg.src, msg.auth, stream.id)
         if reason is not None:
             LOG.error("%s: closing %s: %s", self.name, stream.name, reason)
-            self.broker.close_stream(stream, RoutingError(reason))
+            if self.broker.on_broker_thread:
+                # At once: frames after this one in the same read must not
+                # be routed while a deferred close waits its turn.
+                self.broker._disconnect(stream, RoutingError(reason))
+            else:
+                self.broker.close_stream(stream, RoutingError(reason))
             return
         self._route(msg, stream)
 

@@ -69,11 +69,12 @@ class Params:
         self.rt_n = 300 if quick else 2000          # sequential calls per round-trip figure
         self.rt_n_slow = 40 if quick else 200       # same through the 10 ms RTT proxy
         self.warmup = 30 if quick else 100
-        self.conc_secs = 0.7 if quick else 2.0      # per calls/s figure
+        self.conc_secs = 0.5 if quick else 2.0      # per calls/s figure
         self.boot_n = 3 if quick else 15            # bootstraps per transport
         self.boot_n_slow = 2 if quick else 5        # same through the proxy
         self.file_mib = 64 if quick else 256
         self.file_mib_slow = 0 if quick else 64     # FileService through the proxy
+        self.tcp_bytes = not quick                  # ssh TCP byte count (one more session each)
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
@@ -880,7 +881,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     target, params.boot_n_slow if slow else params.boot_n)
                 if key == "local":
                     res["stage2"]["config_bytes"] = mine["boot"]["config_bytes"]
-                if key == "ssh" and proxies is not None:
+                if key == "ssh" and proxies is not None and params.tcp_bytes:
                     mine["tcp"] = tcp_bytes(proxies, target, lambda: msvc.bootstrap_cycle(
                         target, "bytes", via=proxies.addresses[0]))
                 # calls
@@ -924,7 +925,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 res["mitogen"][key] = run_mitogen_driver(mito, spec, tmp)
                 if "error" in res["mitogen"][key]:
                     log("mitogen %s: %s" % (key, res["mitogen"][key]["error"]))
-                if key == "ssh" and proxies is not None:
+                if key == "ssh" and proxies is not None and params.tcp_bytes:
                     bspec = {"params": params.as_dict(), "boot_n": 1,
                              "ssh": target.ssh_spec(via=proxies.addresses[0])}
                     res["mitogen"][key]["tcp"] = tcp_bytes(

@@ -26,7 +26,8 @@ newest_python() {
 [ -n "$python" ] || python=$(newest_python)
 
 venv=$root/.venv/$name
-stamp="$python $*"
+# The stamp covers the pip arguments and the contents of any -r files.
+stamp="$python $* $(for a in "$@"; do [ -f "$a" ] && cksum < "$a"; done | tr '\n' ' ')"
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$venv/bin/python"; exit 0
 fi

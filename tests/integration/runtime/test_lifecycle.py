@@ -29,7 +29,7 @@ def test_no_orphans_after_router_shutdown(agent: Agent) -> None:
     agent.router.shutdown()
     agent.router.join(20.0)
     assert wait_gone(pids, EXIT_BOUND) == []
-    assert time.monotonic() - t0 < EXIT_BOUND + 1
+    assert time.monotonic() - t0 < 2 * EXIT_BOUND
 
 
 @pytest.mark.parametrize("transport", ["local", "ssh", "chained"], indirect=True)
