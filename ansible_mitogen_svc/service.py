@@ -356,14 +356,20 @@ class Pool:
         if reason:
             responder.fail(RefusedError.make(service, method, reason), refused=True)
             return
+        assert fn is not None
+        if isinstance(svc, DeduplicatingService):
+            dedup = svc
+            self._invoke(responder, caller, lambda info: dedup._dedup_call(method, fn, kwargs, info))
+        else:
+            self._invoke(responder, caller, lambda info: fn(**kwargs))
+
+    def _invoke(self, responder: Responder, caller: Caller,
+                body: Callable[[CallInfo], Any]) -> None:
+        """Run ``body`` with current_call() set; reply unless deferred."""
         info = CallInfo(self.router, caller, responder)
         token = _CURRENT.set(info)
         try:
-            assert fn is not None
-            if isinstance(svc, DeduplicatingService):
-                svc._dedup_call(method, fn, kwargs, info)
-                return
-            result = fn(**kwargs)
+            result = body(info)
         except Exception as exc:
             if not info.deferred:
                 responder.fail(exc, traceback.format_exc())
@@ -397,17 +403,7 @@ class Pool:
         except Exception as exc:
             responder.fail(exc, traceback.format_exc())
             return
-        info = CallInfo(self.router, caller, responder)
-        token = _CURRENT.set(info)
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as exc:
-            responder.fail(exc, traceback.format_exc())
-            return
-        finally:
-            _CURRENT.reset(token)
-        if not info.deferred:
-            responder.send(result)
+        self._invoke(responder, caller, lambda info: fn(*args, **kwargs))
 
 
 class _Refusal(Exception):
