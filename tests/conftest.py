@@ -5,8 +5,9 @@ Test-only, controller side.
 * The repository root (for ``ansible_mitogen_svc`` and ``tests.lib``) and
   ``tests/integration/runtime`` (for ``_remote_helpers``, a module shipped
   to agents under its top-level name) are put on ``sys.path``.
-* Warnings are errors, and every test gets a timeout (``DEFAULT_TIMEOUT``
-  unless it or its module sets one with ``@pytest.mark.timeout``).
+* Warnings are errors, and every test gets a timeout: its own
+  ``@pytest.mark.timeout``, else the run-wide one (pytest.ini, --timeout),
+  else ``DEFAULT_TIMEOUT``.
 * The autouse :func:`no_leaks` fixture fails any test that leaves behind
   threads, file descriptors or child processes once a short grace period
   has passed. Mark a test ``@pytest.mark.leaks_ok`` to opt out.
@@ -39,7 +40,25 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "leaks_ok: skip the thread/fd/child process leak check for this test")
 
 
+def _configured_timeout(config: pytest.Config) -> float:
+    """The run-wide pytest-timeout setting (command line or ini), 0 if none."""
+    for source in ("option", "ini"):
+        try:
+            value = (config.getoption("timeout", None) if source == "option"
+                     else config.getini("timeout"))
+        except (ValueError, KeyError):
+            continue
+        try:
+            if value not in (None, "") and float(value) > 0:
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    return 0.0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    if _configured_timeout(config):
+        return  # pytest.ini or --timeout already bounds every test
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
