@@ -55,16 +55,19 @@ class AgentService(Service):
 
     @expose(AllowParents())
     @arg_spec({"prefix": list, "python": str, "name": str,
-               "password": (str, type(None)), "use_tty": bool, "timeout": (int, float)})
+               "password": (str, type(None)), "use_tty": bool, "timeout": (int, float),
+               "password_prompt": (str, type(None))})
     def start_agent(self, prefix: List[str], python: str, name: str,
                     password: Optional[str] = None, use_tty: bool = True,
-                    timeout: float = 30.0) -> Dict[str, int]:
+                    timeout: float = 30.0,
+                    password_prompt: Optional[str] = None) -> Dict[str, int]:
         """Start a chained agent with ``prefix + [python, -c, ...]``
         (e.g. ``["sudo", "-u", "alice", "--"]``); returns its id and pid."""
         from .connect import start_child_agent
         ctx, pid = start_child_agent(self.router, prefix, python, name, password=password,
                                      use_tty=use_tty, timeout=float(timeout),
-                                     extra_modules=sorted(_extra_modules()))
+                                     extra_modules=sorted(_extra_modules()),
+                                     password_prompt=password_prompt)
         return {"id": ctx.context_id, "pid": pid}
 
     @expose(AllowParents())

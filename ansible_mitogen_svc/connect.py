@@ -38,7 +38,8 @@ def _log_sink(name: str) -> Callable[[bytes], None]:
 def start_child_agent(router: Router, argv_prefix: Sequence[str], python: str, name: str,
                       password: Optional[str] = None, use_tty: bool = False,
                       timeout: float = DEFAULT_CONNECT_TIMEOUT, extra_modules: Sequence[str] = (),
-                      shell_quote: bool = False, fork: bool = True) -> Tuple[Context, int]:
+                      shell_quote: bool = False, fork: bool = True,
+                      password_prompt: Optional[str] = None) -> Tuple[Context, int]:
     """Start an agent as a child of ``router``'s context; returns its
     Context and pid. See :func:`spawn.start_agent` for errors."""
     ids = router.allocate(leaf=False)
@@ -47,7 +48,8 @@ def start_child_agent(router: Router, argv_prefix: Sequence[str], python: str, n
               "log_level": logging.getLogger("ansible_mitogen_svc").getEffectiveLevel(),
               "extra_modules": list(extra_modules)}
     sp = start_agent(argv_prefix, python, config, name, password=password, use_tty=use_tty,
-                     timeout=timeout, extra_modules=extra_modules, shell_quote=shell_quote)
+                     timeout=timeout, extra_modules=extra_modules, shell_quote=shell_quote,
+                     password_prompt=password_prompt)
     fd = sp.data.detach()
     stream = Stream(router.broker, FdTransport(fd, fd, proc=sp.proc), name, router.max_body)
     if sp.leftover:
@@ -103,14 +105,17 @@ def ssh(router: Router, hostname: str, username: Optional[str] = None, port: Opt
 
 def via(parent: Context, prefix: Sequence[str], python: str = "python3",
         password: Optional[str] = None, name: Optional[str] = None,
-        timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Context:
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        password_prompt: Optional[str] = None) -> Context:
     """Ask the agent ``parent`` to start a chained agent with ``prefix``
     (e.g. ``["sudo", "-u", "alice", "--"]``); password prompts are answered
-    through a pty."""
+    through a pty. Prompts ending in "password:" are recognised; pass
+    ``password_prompt`` for any other (e.g. the text given to ``sudo -p``)."""
     name = name or "%s.%s" % (parent.name, os.path.basename(prefix[0]) if prefix else "chain")
     reply = parent.call_service_async(AGENT, "start_agent", prefix=list(prefix), python=python,
                                       name=name, password=password, use_tty=True,
-                                      timeout=float(timeout)).get(timeout + 5)
+                                      timeout=float(timeout),
+                                      password_prompt=password_prompt).get(timeout + 5)
     ctx = parent.router.context(int(reply["id"]), name)
     ctx.pid = reply["pid"]  # type: ignore[attr-defined]
     return ctx

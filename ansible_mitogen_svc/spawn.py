@@ -85,8 +85,17 @@ def _start(argv: Sequence[str], use_tty: bool, env: Optional[dict]) -> Spawned:
     return Spawned(proc, parent, diag_fd, use_tty)
 
 
+def prompt_pattern(prompt: Optional[str]) -> "re.Pattern[str]":
+    """The default prompt pattern, or one that also matches ``prompt``
+    literally (e.g. the text given to ``sudo -p``) at the end of output."""
+    if not prompt:
+        return PASSWORD_PROMPT
+    return re.compile(r"(?i)(?:(?:password|passphrase)[^:\n]*:|%s)\s*$"
+                      % re.escape(prompt.strip()))
+
+
 def _handshake(sp: Spawned, payload: bytes, name: str, password: Optional[str],
-               timeout: float) -> None:
+               timeout: float, prompt_re: "re.Pattern[str]" = PASSWORD_PROMPT) -> None:
     deadline = time.monotonic() + timeout
     out = bytearray()
     diag = bytearray()
@@ -120,7 +129,7 @@ def _handshake(sp: Spawned, payload: bytes, name: str, password: Optional[str],
             elif len(diag) < MAX_DIAG:
                 diag += chunk
             text = diag.decode("utf-8", "replace")
-            if PASSWORD_PROMPT.search(text):
+            if prompt_re.search(text):
                 prompts += 1
                 diag.clear()
                 if password is None:
@@ -196,7 +205,8 @@ def _show(diag: "bytes | bytearray", out: "bytes | bytearray") -> str:
 def start_agent(argv_prefix: Sequence[str], python: str, config: dict, name: str,
                 password: Optional[str] = None, use_tty: bool = False,
                 timeout: float = DEFAULT_CONNECT_TIMEOUT, extra_modules: Sequence[str] = (),
-                shell_quote: bool = False, env: Optional[dict] = None) -> Spawned:
+                shell_quote: bool = False, env: Optional[dict] = None,
+                password_prompt: Optional[str] = None) -> Spawned:
     """Start ``argv_prefix + [python, -c, FIRST_STAGE]`` and bootstrap it.
 
     Args:
@@ -206,6 +216,8 @@ def start_agent(argv_prefix: Sequence[str], python: str, config: dict, name: str
         config: the agent config (ids, parent id, name, ...).
         shell_quote: join the python command into one shell-quoted string
             (ssh passes its command to the remote shell).
+        password_prompt: a prompt to answer besides the usual "...password:"
+            ones, e.g. the text given to ``sudo -p``.
     Returns:
         A :class:`Spawned` whose socket now carries frames.
     Raises:
@@ -219,7 +231,8 @@ def start_agent(argv_prefix: Sequence[str], python: str, config: dict, name: str
     LOG.debug("%s: starting %s", name, " ".join(shlex.quote(a) for a in argv_prefix) or python)
     sp = _start(argv, use_tty, env)
     try:
-        _handshake(sp, blob + bootstrap.encode_config(config), name, password, timeout)
+        _handshake(sp, blob + bootstrap.encode_config(config), name, password, timeout,
+                   prompt_pattern(password_prompt))
     except BaseException:
         sp.data.close()
         os.close(sp.diag_fd)

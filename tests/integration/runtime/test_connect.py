@@ -54,3 +54,17 @@ def test_sudo_password_errors(router: Router, testbed: Any, password: Any, reaso
     assert reason in exc.value.message
     assert password is None or password not in str(exc.value)
     assert call(first, AGENT, "ping") is True  # the first agent is fine
+
+
+def test_custom_sudo_prompt_is_answered(router: Router, testbed: Any) -> None:
+    """A prompt without the word "password" is answered when named."""
+    from tests.lib.testbed import ALICE, ALICE_PASSWORD, BOB
+    first = _ssh_as(router, testbed, ALICE)
+    t0 = time.monotonic()
+    second = connect.via(first, ["sudo", "-p", "Enter secret> ", "-u", BOB, "--"],
+                         python="/usr/bin/python3", password=ALICE_PASSWORD, timeout=10,
+                         password_prompt="Enter secret> ")
+    assert time.monotonic() - t0 < BOUND
+    info = call(second, AGENT, "info")
+    import pwd
+    assert info["uid"] == pwd.getpwnam(BOB).pw_uid
