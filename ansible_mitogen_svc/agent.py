@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 from . import bootstrap, codec, forkserver
@@ -18,7 +17,7 @@ from .context import Router
 from .policy import AllowAny, AllowParents, Caller
 from .protocol import DEFAULT_MAX_BODY
 from .router import IdRange
-from .service import Pool, Service, arg_spec, current_call, expose
+from .service import Pool, Service, arg_spec, expose
 from .transport import FdTransport
 from .wire import HANDLE_SHUTDOWN, Message
 
@@ -66,7 +65,7 @@ class AgentService(Service):
         from .connect import start_child_agent
         ctx, pid = start_child_agent(self.router, prefix, python, name, password=password,
                                      use_tty=use_tty, timeout=float(timeout),
-                                     extra_modules=sorted(_extra_modules()),
+                                     extra_modules=_extra_modules(),
                                      password_prompt=password_prompt)
         return {"id": ctx.context_id, "pid": pid}
 
@@ -105,16 +104,14 @@ class AgentService(Service):
             if not isinstance(src, str) or name in bootstrap.SHIPPED_MODULES:
                 continue
             sources[name] = (bool(is_pkg), src)
-            _extra_modules().add(name)
             added.append(name)
         return added
 
 
-_EXTRA: set = set()
-
-
-def _extra_modules() -> set:
-    return _EXTRA
+def _extra_modules() -> List[str]:
+    """Modules shipped to us beyond the runtime: chained agents get them too."""
+    sources = bootstrap.own_sources() or {}
+    return sorted(n for n in sources if n not in bootstrap.SHIPPED_MODULES)
 
 
 def _may_call(module: str) -> bool:
@@ -137,9 +134,8 @@ def _serve_until_parent_lost(router: Router, pool: Pool) -> None:
             router.broker.shutdown()
 
     router.add_handler(on_shutdown, handle=HANDLE_SHUTDOWN)
-    router.on_parent_lost = router.broker.shutdown
-    while router.broker.alive:
-        router.broker._thread.join(1.0)
+    while not router.broker.wait_stopped(1.0):
+        pass
     pool.stop(timeout=2.0)
     router.broker.join(5.0)
 
@@ -172,7 +168,6 @@ def main(config_bytes: bytes) -> None:
     os.dup2(null, 0)
     os.dup2(2, 1)  # stray prints must never corrupt the frame stream
     os.close(null)
-    _EXTRA.update(cfg.get("extra_modules", ()))
     fork_server = (forkserver.start(child_main, close_fds=(fd_in, fd_out))
                    if cfg.get("fork", True) else None)
     router = _make_router(cfg)

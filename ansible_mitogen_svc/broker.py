@@ -188,6 +188,12 @@ class Broker:
                 raise TimeoutError("broker %r did not stop within %.1fs" % (self.name, timeout))
         self._cleanup_fds()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the thread to end; True once
+        it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import DumpError, LoadError
 
-__all__ = ["VERSION", "dumps", "loads"]
+__all__ = ["VERSION", "dumps", "loads", "canonical_key"]
 
 VERSION = 1
 DEFAULT_MAX_DEPTH = 64
@@ -278,3 +278,26 @@ def loads(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
     if pos != end:
         raise LoadError("trailing bytes: the value ends at offset %d of %d" % (pos, end))
     return obj
+
+
+def _canonical(obj: Any) -> Any:
+    # Every container becomes a (tag, tuple) pair, so the result is
+    # injective: a user's tuple can never look like a tagged set.
+    if isinstance(obj, dict):
+        pairs = [(_canonical(k), _canonical(v)) for k, v in obj.items()]
+        pairs.sort(key=lambda kv: dumps(kv[0]))
+        return ("d", tuple(pairs))
+    if isinstance(obj, (set, frozenset)):
+        return ("s", tuple(sorted((_canonical(m) for m in obj), key=dumps)))
+    if isinstance(obj, list):
+        return ("l", tuple(_canonical(x) for x in obj))
+    if isinstance(obj, tuple):
+        return ("t", tuple(_canonical(x) for x in obj))
+    return obj
+
+
+def canonical_key(obj: Any) -> bytes:
+    """Bytes equal for equal values, whatever the order in which their dicts
+    were built or their sets iterate: for keys (dedup, caches), never for
+    the wire. Raises DumpError like :func:`dumps`."""
+    return dumps(_canonical(obj))

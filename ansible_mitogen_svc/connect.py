@@ -45,8 +45,7 @@ def start_child_agent(router: Router, argv_prefix: Sequence[str], python: str, n
     ids = router.allocate(leaf=False)
     config = {"id_lo": ids.lo, "id_hi": ids.hi, "parent_id": router.my_id, "name": name,
               "max_body": router.max_body, "fork": fork,
-              "log_level": logging.getLogger("ansible_mitogen_svc").getEffectiveLevel(),
-              "extra_modules": list(extra_modules)}
+              "log_level": logging.getLogger("ansible_mitogen_svc").getEffectiveLevel()}
     sp = start_agent(argv_prefix, python, config, name, password=password, use_tty=use_tty,
                      timeout=timeout, extra_modules=extra_modules, shell_quote=shell_quote,
                      password_prompt=password_prompt)

@@ -25,7 +25,6 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-from . import codec
 from .broker import Broker, Stream
 from .errors import (BrokenError, CallError, ClosedError, LoadError,
                      RoutingError, TimeoutError, WouldBlock)
@@ -462,8 +461,15 @@ class Context:
         mod, name = func.__module__, func.__qualname__
         if not mod or "<" in name or "." in name:
             raise ValueError("%r is not a module-level function" % (func,))
-        return self.send_call(HANDLE_CALL_FUNCTION, (mod, name, args, kwargs),
-                              "%s: %s.%s()" % (self.name, mod, name))
+        return self.call_function_async(mod, name, *args, **kwargs)
+
+    def call_function_async(self, module: str, function: str, *args: Any,
+                            **kwargs: Any) -> PendingCall:
+        """Like :meth:`call_async`, naming the function instead of passing
+        it: for callers that do not import the module (it may be known
+        under another name here than on the target)."""
+        return self.send_call(HANDLE_CALL_FUNCTION, (module, function, args, kwargs),
+                              "%s: %s.%s()" % (self.name, module, function))
 
     def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``func(*args, **kwargs)`` there and return its result."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from .context import Router
 from .errors import TimeoutError

@@ -51,7 +51,7 @@ from .jobs import JobResultService
 from .policy import Caller, Policy
 from .protocol import DEFAULT_MAX_BODY
 from .router import IdRange
-from .service import Pool, Service, arg_spec, expose
+from .service import DeduplicatingService, Pool, arg_spec, expose
 from .transport import FdTransport
 
 __all__ = ["ConnectionService", "TrustedWorkers", "MuxServer", "attach_worker",
@@ -82,21 +82,9 @@ class TrustedWorkers(Policy):
         return "TrustedWorkers"
 
 
-def _route_key(spec: Dict[str, Any]) -> bytes:
-    return codec.dumps(sorted(spec.items()))
-
-
-class _Slot:
-    """One route: its agent once started, or the start in progress."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.context: Optional[Context] = None
-        self.error: Optional[BaseException] = None
-
-
-class ConnectionService(Service):
-    """Get-or-create one agent per route spec.
+class ConnectionService(DeduplicatingService):
+    """Get-or-create one agent per route spec. Concurrent first requests for
+    one route share a single start (DeduplicatingService).
 
     A spec is a dict of builtin values; ``kind`` picks the transport:
 
@@ -113,49 +101,31 @@ class ConnectionService(Service):
         super().__init__(router)
         self._files = files
         self._lock = threading.Lock()
-        self._slots: Dict[bytes, _Slot] = {}
+        self._agents: Dict[bytes, Context] = {}
 
     @expose(TrustedWorkers())
     @arg_spec({"spec": dict})
     def get(self, spec: Dict[str, Any]) -> Dict[str, Any]:
         """Returns ``{"id", "name"}`` of the route's agent, starting it if
         needed. Raises BootstrapError/PasswordError when it cannot start."""
-        key = _route_key(spec)
+        key = codec.canonical_key(spec)
         with self._lock:
-            slot = self._slots.get(key)
-            if slot is not None and slot.done.is_set() and not self._alive(slot):
-                slot = None
-            owner = slot is None
-            if owner:
-                slot = self._slots[key] = _Slot()
-        assert slot is not None
-        if owner:
-            try:
-                slot.context = self._start(spec)
-            except BaseException as exc:
-                slot.error = exc
-                with self._lock:
-                    if self._slots.get(key) is slot:
-                        del self._slots[key]
-            finally:
-                slot.done.set()
-        else:
-            slot.done.wait(float(spec.get("timeout", 30)) + 30.0)
-        if slot.error is not None:
-            raise slot.error
-        if slot.context is None:
-            raise RuntimeError("connect of %s did not finish" % _describe(spec))
-        return {"id": slot.context.context_id, "name": slot.context.name}
+            ctx = self._agents.get(key)
+        if ctx is None or self.router.stream_to(ctx.context_id) is None:
+            ctx = self._start(spec)
+            with self._lock:
+                self._agents[key] = ctx
+        return {"id": ctx.context_id, "name": ctx.name}
 
     @expose(TrustedWorkers())
     @arg_spec({"spec": dict})
     def reset(self, spec: Dict[str, Any]) -> bool:
         """Stop the route's agent (if any); the next get() starts a new one."""
         with self._lock:
-            slot = self._slots.pop(_route_key(spec), None)
-        if slot is None or slot.context is None:
+            ctx = self._agents.pop(codec.canonical_key(spec), None)
+        if ctx is None:
             return False
-        stream = self.router.stream_to(slot.context.context_id)
+        stream = self.router.stream_to(ctx.context_id)
         if stream is not None:
             self.router.broker.close_stream(stream)
         return True
@@ -169,11 +139,7 @@ class ConnectionService(Service):
     @expose(TrustedWorkers())
     def statistics(self) -> Dict[str, int]:
         with self._lock:
-            return {"routes": len(self._slots)}
-
-    def _alive(self, slot: _Slot) -> bool:
-        return slot.context is not None and \
-            self.router.stream_to(slot.context.context_id) is not None
+            return {"routes": len(self._agents)}
 
     def _start(self, spec: Dict[str, Any]) -> Context:
         kind = spec.get("kind")
@@ -188,10 +154,6 @@ class ConnectionService(Service):
                                name="ssh.%s" % spec["host"], extra_modules=[TARGET_MODULE],
                                timeout=timeout, ssh_path=str(spec.get("ssh_path") or "ssh"))
         raise ValueError("unknown route kind %r" % (kind,))
-
-
-def _describe(spec: Dict[str, Any]) -> str:
-    return "%s:%s" % (spec.get("kind"), spec.get("host", "localhost"))
 
 
 class MuxServer:

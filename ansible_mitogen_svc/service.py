@@ -186,7 +186,7 @@ class DeduplicatingService(Service):
 
     def _dedup_call(self, method: str, fn: Callable[..., Any], kwargs: Dict[str, Any],
                     info: CallInfo) -> None:
-        key = method.encode() + b"\0" + codec.dumps(sorted(kwargs.items()))
+        key = codec.canonical_key((method, kwargs))
         info.deferred = True
         with self._dedup_lock:
             waiters = self._inflight.get(key)

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import termios
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from . import bootstrap
 from .errors import BootstrapError, PasswordError

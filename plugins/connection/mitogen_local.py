@@ -36,7 +36,7 @@ import shutil
 import typing as t
 
 from ansible.errors import AnsibleError, AnsibleFileNotFound
-from ansible.module_utils.common.text.converters import to_bytes, to_text
+from ansible.module_utils.common.text.converters import to_bytes
 
 from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (AgentConnection,
                                                                               display)

@@ -11,9 +11,10 @@ agent the first time any worker asks for the spec and keeps it for the run;
 """
 from __future__ import annotations
 
+import os
 import typing as t
 
-from ansible.errors import AnsibleConnectionFailure, AnsibleError
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
@@ -137,10 +138,8 @@ class AgentConnection(ConnectionBase):
     def put_file(self, in_path: str, out_path: str) -> None:
         super().put_file(in_path, out_path)
         display.vvv("PUT %s TO %s" % (in_path, out_path), host=self._describe_host())
-        import os
         b_in = to_bytes(in_path, errors="surrogate_or_strict")
         if not os.path.exists(b_in):
-            from ansible.errors import AnsibleFileNotFound
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
         try:
             if os.path.getsize(b_in) <= INLINE_FILE_LIMIT:

@@ -23,7 +23,6 @@ import typing as t
 from ansible_collections.mitogen.svc.ansible_mitogen_svc import Context, Pool, Router
 from ansible_collections.mitogen.svc.ansible_mitogen_svc import mux as _mux_mod
 from ansible_collections.mitogen.svc.ansible_mitogen_svc.files import FileService
-from ansible_collections.mitogen.svc.ansible_mitogen_svc.wire import HANDLE_CALL_FUNCTION
 
 CONNECTION_SERVICE = _mux_mod.ConnectionService.name
 TARGET_MODULE = _mux_mod.TARGET_MODULE
@@ -100,9 +99,7 @@ class Client:
     def target_call(self, agent_id: int, function: str, *args: t.Any,
                     timeout: float = 3600.0, **kwargs: t.Any) -> t.Any:
         ctx = self.router.context(agent_id)
-        pending = ctx.send_call(HANDLE_CALL_FUNCTION, (TARGET_MODULE, function, args, kwargs),
-                                "%s.%s()" % (TARGET_MODULE, function))
-        return pending.get(timeout)
+        return ctx.call_function_async(TARGET_MODULE, function, *args, **kwargs).get(timeout)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -157,7 +157,7 @@ def test_compact_small_ints() -> None:
 
 
 def test_public_api() -> None:
-    assert codec.__all__ == ["VERSION", "dumps", "loads"]
+    assert codec.__all__ == ["VERSION", "dumps", "loads", "canonical_key"]
     assert VERSION == 1
     assert issubclass(DumpError, CodecError) and issubclass(LoadError, ValueError)
 
@@ -372,3 +372,24 @@ def test_property_round_trip() -> None:
         assert _same(_round_trip(value), value)
 
     check()
+
+
+def test_canonical_key_ignores_dict_and_set_order() -> None:
+    a = {"spec": {"host": "h", "args": ["-p", "22"], "tags": {"x", "y", 3}}}
+    b = {"spec": {"tags": {3, "y", "x"}, "args": ["-p", "22"], "host": "h"}}
+    assert dumps(a) != dumps(b)  # the wire encoding keeps insertion order
+    assert codec.canonical_key(a) == codec.canonical_key(b)
+
+
+def test_canonical_key_keeps_types_and_values_apart() -> None:
+    keys = [codec.canonical_key(v) for v in (
+        [1, 2], (1, 2), {1, 2}, frozenset({1, 2}) | {3}, ("s", (1, 2)), {1: 2}, ((1, 2),),
+        {"a": 1}, {"a": 2}, "a", b"a", 1, 1.0, True, None)]
+    assert len(set(keys)) == len(keys)
+    assert codec.canonical_key({1, 2}) == codec.canonical_key(frozenset({2, 1}))
+
+
+def test_canonical_key_refuses_what_dumps_refuses() -> None:
+    with pytest.raises(DumpError):
+        codec.canonical_key({"a": object()})
+
