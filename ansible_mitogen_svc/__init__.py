@@ -8,7 +8,7 @@ imports flow one way, from top to bottom of this list, never upwards.
 
 1. pure, sans-IO:   errors, codec, wire, protocol, router, policy, transfer
 2. I/O:             transport, broker, context, service, bootstrap, spawn, forkserver
-3. entry points:    connect, agent, files, jobs, mux, target
+3. entry points:    connect, agent, files, jobs, mux, target, runner
 Plugins reach this package only through ``plugins/plugin_utils``.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import bootstrap, codec, forkserver
 from .broker import Broker, Stream
@@ -21,9 +21,32 @@ from .service import Pool, Service, arg_spec, expose
 from .transport import FdTransport
 from .wire import HANDLE_SHUTDOWN, Message
 
-__all__ = ["AgentService", "main", "child_main"]
+__all__ = ["AgentService", "main", "child_main", "fork_server", "at_exit"]
 
 LOG = logging.getLogger("ansible_mitogen_svc.agent")
+
+# This process's fork parent (agents only) and cleanups run when it exits.
+_process: Dict[str, Any] = {"fork_server": None, "at_exit": []}
+
+
+def fork_server() -> Optional[forkserver.ForkServer]:
+    """The virgin fork parent of this agent, or None (forked children)."""
+    return _process["fork_server"]
+
+
+def at_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when this agent exits (agents end with os._exit, so
+    the atexit module never runs)."""
+    _process["at_exit"].append(fn)
+
+
+def _run_exit_hooks() -> None:
+    for fn in reversed(_process["at_exit"]):
+        try:
+            fn()
+        except Exception:
+            LOG.exception("exit hook failed")
+
 
 # Pool threads per agent: enough for concurrent tasks on one host (free
 # strategy, delegate_to) without idle memory cost (~60 KiB per thread).
@@ -53,20 +76,13 @@ class AgentService(Service):
                 "fork_parent_pid": self.fork_server.pid if self.fork_server else None}
 
     @expose(AllowParents())
-    @arg_spec({"prefix": list, "python": str, "name": str,
-               "password": (str, type(None)), "use_tty": bool, "timeout": (int, float),
-               "password_prompt": (str, type(None))})
-    def start_agent(self, prefix: List[str], python: str, name: str,
-                    password: Optional[str] = None, use_tty: bool = True,
-                    timeout: float = 30.0,
-                    password_prompt: Optional[str] = None) -> Dict[str, int]:
-        """Start a chained agent with ``prefix + [python, -c, ...]``
-        (e.g. ``["sudo", "-u", "alice", "--"]``); returns its id and pid."""
-        from .connect import start_child_agent
-        ctx, pid = start_child_agent(self.router, prefix, python, name, password=password,
-                                     use_tty=use_tty, timeout=float(timeout),
-                                     extra_modules=_extra_modules(),
-                                     password_prompt=password_prompt)
+    @arg_spec({"hop": dict, "name": str})
+    def start_hop(self, hop: Dict[str, Any], name: str) -> Dict[str, int]:
+        """Start a chained agent as ``hop`` describes (see :mod:`connect`:
+        e.g. a become command made on the controller); returns its id and
+        pid."""
+        from .connect import start_hop
+        ctx, pid = start_hop(self.router, hop, name, extra_modules=_extra_modules())
         return {"id": ctx.context_id, "pid": pid}
 
     @expose(AllowParents())
@@ -159,17 +175,20 @@ def _attach_parent(router: Router, fd_in: int, fd_out: int, cfg: Dict[str, Any])
     router.attach_parent(stream, int(cfg["parent_id"]))
 
 
-def main(config_bytes: bytes) -> None:
-    """Agent entry point (bootstrap stage 2 calls it)."""
+def main(config_bytes: bytes, data_fd: int = 0) -> None:
+    """Agent entry point (bootstrap stage 2 calls it). Frames travel on
+    stdin/stdout, or both ways on stdout (``data_fd`` 1: a socket)."""
     cfg = codec.loads(config_bytes)
     _setup_logging(str(cfg.get("name", "agent")), int(cfg.get("log_level", logging.WARNING)))
-    fd_in, fd_out = os.dup(0), os.dup(1)
+    fd_in = os.dup(data_fd)
+    fd_out = os.dup(1) if data_fd == 0 else fd_in
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(2, 1)  # stray prints must never corrupt the frame stream
     os.close(null)
-    fork_server = (forkserver.start(child_main, close_fds=(fd_in, fd_out))
+    fork_server = (forkserver.start(child_main, close_fds=tuple({fd_in, fd_out}))
                    if cfg.get("fork", True) else None)
+    _process["fork_server"] = fork_server
     router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, fork_server, cfg)], size=POOL_SIZE,
                 function_modules=_may_call)
@@ -180,12 +199,23 @@ def main(config_bytes: bytes) -> None:
     finally:
         if fork_server is not None:
             fork_server.close()
+        _run_exit_hooks()
         logging.shutdown()
         os._exit(0)
 
 
 def child_main(fd: int, cfg: Dict[str, Any]) -> None:
-    """Entry point of a child forked by the fork parent."""
+    """Entry point of a child forked by the fork parent: a child agent, or
+    ``cfg["entry"]`` ("module:function" of a shipped module, e.g. the
+    module zygote) called with the fd and the request."""
+    entry = cfg.get("entry")
+    if entry:
+        module, _, function = str(entry).partition(":")
+        if not _may_call(module):
+            raise RuntimeError("%s is not a shipped module" % module)
+        import importlib
+        getattr(importlib.import_module(module), function)(fd, cfg)
+        return
     _setup_logging(str(cfg.get("name", "child")), int(cfg.get("log_level", logging.WARNING)))
     router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, None, cfg)], size=4, function_modules=_may_call)

@@ -6,7 +6,12 @@ How an agent starts
 -------------------
 1. The parent runs ``<prefix> python3 -c "<FIRST STAGE>"`` with stdin and
    stdout as the data pipes. The first stage is ~300 characters of base64
-   that decodes to a loop reading exactly ``len(stage 2)`` bytes from stdin.
+   that decodes to a loop reading a 4-byte length and then that many bytes
+   of stage 2 from its *data fd*: stdin, or stdout (a socket, so it reads
+   too) for chained agents, whose stdin is the pty a become tool such as
+   ``sudo -S`` or ``su`` reads the password from. The command holds no
+   per-agent data, so :func:`agent_command` is one fixed string per
+   interpreter that a become plugin can wrap on the controller.
 2. The parent writes stage 2: zlib-compressed Python source holding the
    source of every module in :data:`SHIPPED_MODULES` (plus modules the
    caller ships) and a tiny meta-path importer that serves them from memory.
@@ -31,7 +36,8 @@ from typing import Dict, Iterable, Optional, Tuple
 from . import codec
 
 __all__ = ["SHIPPED_MODULES", "MIN_TARGET_PYTHON", "READY", "Sources",
-           "collect_sources", "stage2", "first_stage_argv", "encode_config"]
+           "collect_sources", "stage2", "first_stage_argv", "agent_command", "encode_stage2",
+           "encode_config"]
 
 # The minimum target Python, declared once.
 MIN_TARGET_PYTHON = (3, 8)
@@ -66,14 +72,15 @@ Sources = Dict[str, Tuple[bool, str]]
 
 _STAGE1 = """\
 import os,sys,zlib
+F=%d
 def _read(n):
  b=b''
  while len(b)<n:
-  c=os.read(0,n-len(b))
+  c=os.read(F,n-len(b))
   if not c:raise SystemExit('msvc: EOF during bootstrap')
   b+=c
  return b
-exec(compile(zlib.decompress(_read(%d)),'<msvc-stage2>','exec'))
+exec(compile(zlib.decompress(_read(int.from_bytes(_read(4),'big'))),'<msvc-stage2>','exec'))
 """
 
 _STAGE2_TAIL = """
@@ -100,7 +107,7 @@ sys.meta_path.insert(0, _Importer(_SOURCES))
 import struct
 _cfg = _read(struct.unpack('>I', _read(4))[0])
 import ansible_mitogen_svc.agent
-ansible_mitogen_svc.agent.main(_cfg)
+ansible_mitogen_svc.agent.main(_cfg, F)
 """
 
 
@@ -213,12 +220,26 @@ def stage2(extra: Iterable[str] = ()) -> Tuple[bytes, Sources]:
     return hit
 
 
-def first_stage_argv(python: str, stage2_len: int) -> list:
-    """``[python, "-c", code]`` for a stage 2 of ``stage2_len`` bytes."""
+def first_stage_argv(python: str, data_fd: int = 0) -> list:
+    """``[python, "-c", code]``: reads stage 2 (length-prefixed) from
+    ``data_fd``: 0 (stdin) or 1 (stdout, when it is a socket)."""
     import base64
-    code = base64.b64encode(zlib.compress((_STAGE1 % stage2_len).encode(), 9)).decode()
+    code = base64.b64encode(zlib.compress((_STAGE1 % data_fd).encode(), 9)).decode()
     return [python, "-c",
             "import base64,zlib;exec(zlib.decompress(base64.b64decode('%s')))" % code]
+
+
+def agent_command(python: str) -> str:
+    """The shell command that starts a chained agent with ``python``: the
+    same for every agent, so a become plugin can wrap it on the controller
+    (``become.build_become_command(agent_command(python), shell)``)."""
+    import shlex
+    return " ".join(shlex.quote(a) for a in first_stage_argv(python, 1))
+
+
+def encode_stage2(blob: bytes) -> bytes:
+    """Stage 2 as the first stage reads it."""
+    return struct.pack(">I", len(blob)) + blob
 
 
 def encode_config(config: dict) -> bytes:

@@ -29,35 +29,35 @@ import os
 import select
 import socket
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import codec
 from .errors import BrokenError
 
-__all__ = ["ForkServer", "start"]
+__all__ = ["ForkServer", "start", "send_packet", "recv_packet"]
 
 _MAX_PACKET = 65536
 
 
-def _send(sock: socket.socket, obj: object, fd: Optional[int] = None) -> None:
+def send_packet(sock: socket.socket, obj: object, fds: Sequence[int] = ()) -> None:
+    """Send one codec packet, with ``fds`` attached (SCM_RIGHTS)."""
     data = codec.dumps(obj)
-    if fd is None:
+    if not fds:
         sock.sendall(data)
     else:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
-def _recv(sock: socket.socket) -> Tuple[Optional[object], Optional[int]]:
+def recv_packet(sock: socket.socket, max_fds: int = 4) -> Tuple[Optional[object], List[int]]:
+    """Receive one packet; returns (object or None on EOF, received fds)."""
     fds = array.array("i")
-    data, anc, _flags, _addr = sock.recvmsg(_MAX_PACKET, socket.CMSG_SPACE(fds.itemsize))
-    fd = None
+    data, anc, _flags, _addr = sock.recvmsg(_MAX_PACKET, socket.CMSG_SPACE(max_fds * fds.itemsize))
     for level, kind, cdata in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
-            fd = fds[0] if fds else None
     if not data:
-        return None, fd
-    return codec.loads(data), fd
+        return None, list(fds)
+    return codec.loads(data), list(fds)
 
 
 def _reap() -> None:
@@ -77,15 +77,16 @@ def _serve(sock: socket.socket, child_main: Callable[[int, dict], None]) -> None
         if not r:
             continue
         try:
-            req, fd = _recv(sock)
+            req, fds = recv_packet(sock, max_fds=1)
         except (OSError, ValueError):
             return
-        if req is None or not isinstance(req, dict) or fd is None:
-            if fd is not None:
+        if req is None or not isinstance(req, dict) or len(fds) != 1:
+            for fd in fds:
                 os.close(fd)
             if req is None:
                 return
             continue
+        fd = fds[0]
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -99,7 +100,7 @@ def _serve(sock: socket.socket, child_main: Callable[[int, dict], None]) -> None
             finally:
                 os._exit(code)
         os.close(fd)
-        _send(sock, {"pid": pid})
+        send_packet(sock, {"pid": pid})
 
 
 def start(child_main: Callable[[int, dict], None],
@@ -138,16 +139,16 @@ class ForkServer:
         """
         with self._lock:
             try:
-                _send(self._sock, request, fd)
+                send_packet(self._sock, request, [fd])
                 r, _, _ = select.select([self._sock], [], [], timeout)
                 if not r:
                     raise BrokenError("fork parent %d did not answer within %.0fs"
                                       % (self.pid, timeout))
-                reply, extra = _recv(self._sock)
+                reply, extra = recv_packet(self._sock)
             except OSError as exc:
                 raise BrokenError("fork parent %d is gone: %s" % (self.pid, exc)) from exc
-        if extra is not None:
-            os.close(extra)
+        for fd in extra:
+            os.close(fd)
         if not isinstance(reply, dict) or "pid" not in reply:
             raise BrokenError("fork parent %d closed the control socket" % self.pid)
         return int(reply["pid"])

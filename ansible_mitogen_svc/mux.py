@@ -32,6 +32,7 @@ Startup protocol on stdout: one line ``MSVC-MUX-READY <socket path>\\n``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -41,7 +42,8 @@ import struct
 import sys
 import tempfile
 import threading
-from typing import Any, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import codec, connect
 from .broker import Stream
@@ -62,6 +64,15 @@ LOG = logging.getLogger("ansible_mitogen_svc.mux")
 READY = b"MSVC-MUX-READY "
 SOCKET_NAME = "mux.sock"
 TARGET_MODULE = "ansible_mitogen_svc.target"
+RUNNER_MODULE = "ansible_mitogen_svc.runner"
+#: Modules every agent the mux starts gets beyond the runtime.
+AGENT_MODULES = [TARGET_MODULE, RUNNER_MODULE]
+AGENT_SERVICE = "ansible_mitogen_svc.agent.AgentService"
+#: Chained (become) agents kept per base route, least recently got stopped
+#: first; a spec's ``become_cap`` overrides it. An idle agent costs ~20 MB
+#: of target memory and nothing on the wire; 8 covers plays that switch
+#: among a handful of become users without restarting interpreters.
+BECOME_CAP = 8
 # Pool threads of the mux: connects block a thread for up to their timeout,
 # so allow a connect per fork of a big `forks` setting plus file serving.
 POOL_SIZE = 32
@@ -82,9 +93,59 @@ class TrustedWorkers(Policy):
         return "TrustedWorkers"
 
 
+class _Route:
+    """One started agent in ConnectionService's table: a base route (an
+    agent the mux started) or one hop of a chain (started by its parent)."""
+
+    __slots__ = ("ctx", "executable", "path", "used")
+
+    def __init__(self, ctx: Context, executable: str, path: Tuple[bytes, ...]) -> None:
+        self.ctx = ctx
+        self.executable = executable
+        self.path = path  # keys from the base route down to this one
+        self.used = time.monotonic()
+
+
+class _Start:
+    """A start in flight: callers for the same route wait for it and share
+    its agent or its error (one password attempt, not one per caller)."""
+
+    def __init__(self, path: Tuple[bytes, ...]) -> None:
+        self.path = path
+        self.done = threading.Event()
+        self.route: Optional[_Route] = None
+        self.error: Optional[BaseException] = None
+
+
+def _hop_identity(hop: Dict[str, Any]) -> Any:
+    """What makes two hops the same agent: their ``key`` if given (the
+    become helper masks the per-task random parts of the command there),
+    else every field but the timeout."""
+    if not isinstance(hop, dict):
+        raise TypeError("every hop of a chain must be a dict, not %s" % type(hop).__name__)
+    if "key" in hop:
+        return hop["key"]
+    return {k: v for k, v in hop.items() if k != "timeout"}
+
+
+def route_path(spec: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Dict[str, Any]],
+                                              Tuple[bytes, ...]]:
+    """Split ``spec`` into its base route, its chain of hops and the keys
+    of every prefix of the route (base first)."""
+    base = {k: v for k, v in spec.items() if k not in ("chain", "become_cap")}
+    chain = spec.get("chain") or []
+    if not isinstance(chain, list):
+        raise TypeError("spec['chain'] must be a list of hops")
+    ids = [_hop_identity(h) for h in chain]
+    keys = [codec.canonical_key(base)]
+    keys += [codec.canonical_key((base, ids[:i + 1])) for i in range(len(ids))]
+    return base, chain, tuple(keys)
+
+
 class ConnectionService(DeduplicatingService):
-    """Get-or-create one agent per route spec. Concurrent first requests for
-    one route share a single start (DeduplicatingService).
+    """Get-or-create one agent per route spec. Identical concurrent get()
+    calls share one computation (DeduplicatingService); concurrent starts of
+    one route, or of a common prefix of two chains, share one start.
 
     A spec is a dict of builtin values; ``kind`` picks the transport:
 
@@ -93,6 +154,14 @@ class ConnectionService(DeduplicatingService):
       "password", "timeout"}``: ``ssh_args`` already carries port, user,
       key and every other option, so two specs differing in any of them are
       two routes.
+
+    Become: ``spec["chain"]`` is a list of hops (see :mod:`connect`), each
+    agent started by the previous one (e.g. sudo to root, then su to
+    alice). Every prefix of the chain is its own route: keyed by the base
+    spec and the hops' identities (a hop's ``key`` field if present). At
+    most ``spec["become_cap"]`` (default :data:`BECOME_CAP`) chained agents
+    are kept per base route; beyond that, the least recently got ones are
+    stopped, with whatever was chained below them.
     """
 
     name = "ansible_mitogen_svc.mux.ConnectionService"
@@ -101,34 +170,37 @@ class ConnectionService(DeduplicatingService):
         super().__init__(router)
         self._files = files
         self._lock = threading.Lock()
-        self._agents: Dict[bytes, Context] = {}
+        self._routes: Dict[bytes, _Route] = {}
+        self._starts: Dict[bytes, _Start] = {}
 
     @expose(TrustedWorkers())
     @arg_spec({"spec": dict})
     def get(self, spec: Dict[str, Any]) -> Dict[str, Any]:
-        """Returns ``{"id", "name"}`` of the route's agent, starting it if
-        needed. Raises BootstrapError/PasswordError when it cannot start."""
-        key = codec.canonical_key(spec)
-        with self._lock:
-            ctx = self._agents.get(key)
-        if ctx is None or self.router.stream_to(ctx.context_id) is None:
-            ctx = self._start(spec)
-            with self._lock:
-                self._agents[key] = ctx
-        return {"id": ctx.context_id, "name": ctx.name}
+        """Returns ``{"id", "name", "executable"}`` of the agent at the end
+        of the route (``executable``: its ``sys.executable``), starting it
+        and its parents if needed. Raises BootstrapError/PasswordError when
+        one cannot start."""
+        base, chain, keys = route_path(spec)
+        cap = int(spec.get("become_cap", BECOME_CAP))
+        route = self._ensure(keys[:1], lambda parent: self._start(base))
+        for i, hop in enumerate(chain):
+            route = self._ensure(keys[:i + 2], functools.partial(connect.hop, spec=hop), route)
+        self._touch(route, cap)
+        return {"id": route.ctx.context_id, "name": route.ctx.name,
+                "executable": route.executable}
 
     @expose(TrustedWorkers())
     @arg_spec({"spec": dict})
     def reset(self, spec: Dict[str, Any]) -> bool:
-        """Stop the route's agent (if any); the next get() starts a new one."""
+        """Stop the agent at the end of the route, and every agent chained
+        below it (for a base route: all its become agents); the next get()
+        starts new ones. False if it was not running."""
+        key = route_path(spec)[2][-1]
         with self._lock:
-            ctx = self._agents.pop(codec.canonical_key(spec), None)
-        if ctx is None:
-            return False
-        stream = self.router.stream_to(ctx.context_id)
-        if stream is not None:
-            self.router.broker.close_stream(stream)
-        return True
+            gone = self._drop(key)
+        for route in gone[:1]:
+            self._stop(route)
+        return bool(gone)
 
     @expose(TrustedWorkers())
     @arg_spec({"path": str})
@@ -138,20 +210,114 @@ class ConnectionService(DeduplicatingService):
 
     @expose(TrustedWorkers())
     def statistics(self) -> Dict[str, int]:
+        """``routes``: base agents; ``chained``: become agents below them."""
         with self._lock:
-            return {"routes": len(self._agents)}
+            base = sum(1 for r in self._routes.values() if len(r.path) == 1)
+            return {"routes": base, "chained": len(self._routes) - base}
+
+    # -- the table --------------------------------------------------------------------
+    def _ensure(self, path: Tuple[bytes, ...], start: Callable[[Context], Context],
+                parent: Optional[_Route] = None) -> _Route:
+        """The live route ``path``, or a new one made by ``start(parent
+        context)``; one start at a time per route, shared by its callers."""
+        key = path[-1]
+        with self._lock:
+            route = self._routes.get(key)
+            if route is not None and self.router.stream_to(route.ctx.context_id) is not None:
+                return route
+            if route is not None:
+                self._drop(key)  # it died: so did everything chained below it
+            flight = self._starts.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._starts[key] = _Start(path)
+        if not leader:
+            flight.done.wait()
+            if flight.route is None:
+                assert flight.error is not None
+                raise flight.error
+            return flight.route
+        try:
+            ctx = start(parent.ctx if parent is not None else self.router.context(0))
+            route = _Route(ctx, "", path)
+            try:
+                info = ctx.call_service_async(AGENT_SERVICE, "info").get(60.0)
+            except BaseException:
+                self._stop(route)
+                raise
+            route.executable = str(info.get("executable") or "")
+            flight.route = route
+            with self._lock:
+                self._routes[key] = flight.route
+            return flight.route
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._starts[key]
+            flight.done.set()
+
+    def _drop(self, key: bytes) -> List[_Route]:
+        """Forget route ``key`` and every route chained below it (lock
+        held); returns them, ``key``'s own route first."""
+        gone = [r for k, r in self._routes.items() if key in r.path]
+        gone.sort(key=lambda r: len(r.path))
+        for r in gone:
+            del self._routes[r.path[-1]]
+        return gone
+
+    def _touch(self, route: _Route, cap: int) -> None:
+        """Mark ``route`` and its parents used; stop the least recently
+        used become agents of its base route beyond ``cap``."""
+        now = time.monotonic()
+        victims: List[_Route] = []
+        with self._lock:
+            for key in route.path:
+                r = self._routes.get(key)
+                if r is not None:
+                    r.used = now
+            chained = sorted((r for r in self._routes.values()
+                              if len(r.path) > 1 and r.path[0] == route.path[0]),
+                             key=lambda r: r.used)
+            excess = len(chained) - max(0, cap)
+            # Never the route just got, nor the parent of a start in flight.
+            busy = set(route.path).union(*(f.path for f in self._starts.values()))
+            for r in chained:
+                if excess <= 0:
+                    break
+                if r.path[-1] in busy or r.path[-1] not in self._routes:
+                    continue  # in use, or already gone with its parent
+                gone = self._drop(r.path[-1])
+                excess -= len(gone)
+                victims.append(gone[0])
+        for r in victims:
+            LOG.debug("mux: evicting idle become agent %s", r.ctx.name)
+            self._stop(r)
+
+    def _stop(self, route: _Route) -> None:
+        """Stop one agent; those chained below it see EOF and exit too."""
+        if len(route.path) == 1:
+            stream = self.router.stream_to(route.ctx.context_id)
+            if stream is not None:
+                self.router.broker.close_stream(stream)
+            return
+        try:
+            route.ctx.shutdown()
+        except Exception as exc:  # its parent is gone already: nothing to stop
+            LOG.debug("mux: could not stop %s: %s", route.ctx.name, exc)
 
     def _start(self, spec: Dict[str, Any]) -> Context:
         kind = spec.get("kind")
         timeout = float(spec.get("timeout", 30))
         if kind == "local":
             return connect.local(self.router, python=spec.get("python") or sys.executable,
-                                 name="local", extra_modules=[TARGET_MODULE], timeout=timeout)
+                                 name="local", extra_modules=AGENT_MODULES, timeout=timeout)
         if kind == "ssh":
             return connect.ssh(self.router, str(spec["host"]), ssh_args=list(spec["ssh_args"]),
                                python=str(spec.get("python") or "python3"),
                                password=spec.get("password"),
-                               name="ssh.%s" % spec["host"], extra_modules=[TARGET_MODULE],
+                               name="ssh.%s" % spec["host"], extra_modules=AGENT_MODULES,
                                timeout=timeout, ssh_path=str(spec.get("ssh_path") or "ssh"))
         raise ValueError("unknown route kind %r" % (kind,))
 

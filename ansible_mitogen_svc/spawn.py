@@ -4,11 +4,13 @@ Runs on: controller and targets (shipped: agents start chained agents).
 Like :mod:`transport`, this module touches fds, but only until the
 handshake is done; then the broker owns them.
 
-Data travels over a socketpair used as the child's stdin and stdout. Its
-stderr is a pipe, or, when ``use_tty`` is set, the slave side of a pty that
-is also its controlling terminal, so sudo, su, doas and ssh can prompt for a
-password there. The password is written to the pty once; a second prompt
-means it was wrong.
+Data travels over a socketpair: the child's stdin and stdout, or, with
+``tty_stdin`` (chained agents), only its stdout, which the first stage then
+reads too. Its stderr is a pipe, or, with ``use_tty``, the slave side of a
+pty that is also its controlling terminal (and, with ``tty_stdin``, its
+stdin), so ssh, sudo (even ``sudo -S``, which reads stdin), su and doas
+prompt there. A :class:`Dialog` watches that output, types the password
+once and recognises a wrong or missing one.
 """
 from __future__ import annotations
 
@@ -21,20 +23,19 @@ import socket
 import subprocess
 import termios
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import bootstrap
 from .errors import BootstrapError, PasswordError
 
-__all__ = ["start_agent", "DEFAULT_CONNECT_TIMEOUT", "PASSWORD_PROMPT"]
+__all__ = ["start_agent", "Dialog", "prompt_pattern", "DEFAULT_CONNECT_TIMEOUT",
+           "PASSWORD_PROMPT"]
 
 LOG = logging.getLogger("ansible_mitogen_svc.spawn")
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 # sudo/su/doas/ssh prompts all end in "password:" (any case, any prefix).
-PASSWORD_PROMPT = re.compile(r"(?i)(password|passphrase)[^:\n]*:\s*$")
-FAILURE_TEXT = re.compile(r"(?i)(sorry, try again|authentication failure|incorrect password"
-                          r"|permission denied)")
+PASSWORD_PROMPT = r"(?i)(password|passphrase)[^:\n]*:\s*$"
 # Keep at most this much pre-READY output to explain a failure.
 MAX_DIAG = 64 * 1024
 
@@ -45,20 +46,83 @@ def _acquire_tty() -> None:
     fcntl.ioctl(2, termios.TIOCSCTTY, 0)
 
 
+def prompt_pattern(prompt: Optional[str]) -> str:
+    """The default prompt pattern, or one that also matches ``prompt``
+    literally (e.g. the text given to ``sudo -p``) at the end of output."""
+    if not prompt:
+        return PASSWORD_PROMPT
+    return r"(?i)(?:(?:password|passphrase)[^:\n]*:|%s)\s*$" % re.escape(prompt.strip())
+
+
+class Dialog:
+    """When to type the password into a starting agent's pty, and which
+    output means it was wrong or missing. Sans-IO: :meth:`feed` takes what
+    the pty said and returns what to type, or raises PasswordError with
+    vanilla Ansible's wording ("Incorrect sudo password").
+
+    Args:
+        label: the tool named in errors (``sudo``, ``su``, ``ssh``...).
+        password: None when none was given.
+        prompt: regex source searched in the output since the last answer;
+            it should match only at the end (``\\s*$``). Default: anything
+            ending in "password:".
+        incorrect, missing: texts meaning a wrong / a required password.
+    """
+
+    def __init__(self, label: str, password: Optional[str] = None,
+                 prompt: Optional[str] = None, incorrect: Sequence[str] = (),
+                 missing: Sequence[str] = ()) -> None:
+        self.label = label
+        self.password = password
+        self.prompt = re.compile(prompt or PASSWORD_PROMPT)
+        self.incorrect = [t for t in incorrect if t]
+        self.missing = [t for t in missing if t]
+        self.answered = False
+        self._seen = bytearray()  # since the last answer
+
+    def _fail(self, what: str) -> PasswordError:
+        return PasswordError("%s %s password" % (what, self.label))
+
+    def _check(self, text: str) -> None:
+        if any(t in text for t in self.missing):
+            raise self._fail("Missing")
+        if self.answered and any(t in text for t in self.incorrect):
+            raise self._fail("Incorrect")
+
+    def feed(self, data: bytes) -> bytes:
+        """The pty said ``data``; returns the bytes to type (may be b"")."""
+        self._seen += data
+        del self._seen[:-MAX_DIAG]
+        text = self._seen.decode("utf-8", "replace")
+        self._check(text)
+        if not self.prompt.search(text):
+            return b""
+        if self.answered:
+            raise self._fail("Incorrect")  # prompted again
+        if self.password is None:
+            raise self._fail("Missing")
+        self.answered = True
+        del self._seen[:]
+        return self.password.encode("utf-8") + b"\n"
+
+    def exited(self, more: bytes, out: bytes) -> None:
+        """The process ended before READY: ``more`` is the pty's last
+        output, ``out`` its stdout. Raises PasswordError when they say why."""
+        self._check((bytes(self._seen) + more + b"\n" + out).decode("utf-8", "replace"))
+
+
 class Spawned:
     """A started child: its data socket, diagnostic fd and process."""
 
-    def __init__(self, proc: subprocess.Popen, data: socket.socket, diag_fd: int,
-                 use_tty: bool) -> None:
+    def __init__(self, proc: subprocess.Popen, data: socket.socket, diag_fd: int) -> None:
         self.proc = proc
         self.data = data
         self.diag_fd = diag_fd
-        self.use_tty = use_tty
         self.agent_pid = 0
         self.leftover = b""
 
 
-def _start(argv: Sequence[str], use_tty: bool, env: Optional[dict]) -> Spawned:
+def _start(argv: Sequence[str], use_tty: bool, tty_stdin: bool, env: Optional[dict]) -> Spawned:
     parent, child = socket.socketpair()
     if use_tty:
         diag_fd, slave = os.openpty()
@@ -72,8 +136,9 @@ def _start(argv: Sequence[str], use_tty: bool, env: Optional[dict]) -> Spawned:
     else:
         diag_fd, err_target = os.pipe()
     try:
-        proc = subprocess.Popen(list(argv), stdin=child.fileno(), stdout=child.fileno(),
-                                stderr=err_target, close_fds=True, start_new_session=True,
+        proc = subprocess.Popen(list(argv), stdin=err_target if tty_stdin else child.fileno(),
+                                stdout=child.fileno(), stderr=err_target, close_fds=True,
+                                start_new_session=True,
                                 preexec_fn=_acquire_tty if use_tty else None, env=env)
     except OSError as exc:
         parent.close()
@@ -82,34 +147,25 @@ def _start(argv: Sequence[str], use_tty: bool, env: Optional[dict]) -> Spawned:
     finally:
         child.close()
         os.close(err_target)
-    return Spawned(proc, parent, diag_fd, use_tty)
+    return Spawned(proc, parent, diag_fd)
 
 
-def prompt_pattern(prompt: Optional[str]) -> "re.Pattern[str]":
-    """The default prompt pattern, or one that also matches ``prompt``
-    literally (e.g. the text given to ``sudo -p``) at the end of output."""
-    if not prompt:
-        return PASSWORD_PROMPT
-    return re.compile(r"(?i)(?:(?:password|passphrase)[^:\n]*:|%s)\s*$"
-                      % re.escape(prompt.strip()))
-
-
-def _handshake(sp: Spawned, payload: bytes, name: str, password: Optional[str],
-               timeout: float, prompt_re: "re.Pattern[str]" = PASSWORD_PROMPT) -> None:
+def _handshake(sp: Spawned, payload: bytes, name: str, dialog: Optional[Dialog],
+               timeout: float) -> None:
     deadline = time.monotonic() + timeout
     out = bytearray()
     diag = bytearray()
     sent = 0
-    prompts = 0
     data_fd = sp.data.fileno()
     os.set_blocking(data_fd, False)
     os.set_blocking(sp.diag_fd, False)
     diag_open = True
+    secret = dialog.password if dialog is not None else None
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise BootstrapError("%s: no handshake within %.1fs; output: %s"
-                                 % (name, timeout, _show(diag, out)))
+                                 % (name, timeout, _show(diag, out, secret)))
         rl = [data_fd] + ([sp.diag_fd] if diag_open else [])
         wl = [data_fd] if sent < len(payload) else []
         r, w, _ = select.select(rl, wl, [], min(left, 1.0))
@@ -122,36 +178,27 @@ def _handshake(sp: Spawned, payload: bytes, name: str, password: Optional[str],
                 sent = len(payload)  # child gone; EOF on read explains why
         if sp.diag_fd in r:
             chunk = _read(sp.diag_fd)
-            if chunk is None:
-                chunk = b""
-            elif not chunk:
+            if chunk == b"":
                 diag_open = False
-            elif len(diag) < MAX_DIAG:
-                diag += chunk
-            text = diag.decode("utf-8", "replace")
-            if prompt_re.search(text):
-                prompts += 1
-                diag.clear()
-                if password is None:
-                    raise PasswordError("%s: a password was requested but none was given" % name)
-                if prompts > 1:
-                    raise PasswordError("%s: incorrect password (prompted again)" % name)
-                if not sp.use_tty:
-                    raise PasswordError("%s: password prompt without a tty: %s"
-                                        % (name, text.strip()[-200:]))
-                os.write(sp.diag_fd, password.encode("utf-8") + b"\n")
+            elif chunk:
+                if len(diag) < MAX_DIAG:
+                    diag += chunk
+                answer = dialog.feed(chunk) if dialog is not None else b""
+                if answer:
+                    os.write(sp.diag_fd, answer)
         if data_fd in r:
             chunk = _read(data_fd)
             if chunk is None:
                 continue
             if not chunk:
-                _drain(sp.diag_fd, diag)
+                more = bytearray()
+                _drain(sp.diag_fd, more)
+                diag += more
+                if dialog is not None:
+                    dialog.exited(bytes(more), bytes(out))
                 code = _wait(sp.proc)
-                msg = "%s: process exited (status %s) before the handshake; output: %s" % (
-                    name, code, _show(diag, out))
-                if prompts and FAILURE_TEXT.search(diag.decode("utf-8", "replace")):
-                    raise PasswordError(msg)
-                raise BootstrapError(msg)
+                raise BootstrapError("%s: process exited (status %s) before the handshake; "
+                                     "output: %s" % (name, code, _show(diag, out, secret)))
             out += chunk
             i = out.find(bootstrap.READY)
             if i >= 0:
@@ -162,7 +209,7 @@ def _handshake(sp: Spawned, payload: bytes, name: str, password: Optional[str],
                     return
             if len(out) > MAX_DIAG:
                 raise BootstrapError("%s: %d bytes of output without a handshake: %s"
-                                     % (name, len(out), _show(diag, out)))
+                                     % (name, len(out), _show(diag, out, secret)))
 
 
 def _read(fd: int) -> Optional[bytes]:
@@ -197,47 +244,45 @@ def _wait(proc: subprocess.Popen) -> Optional[int]:
         return None
 
 
-def _show(diag: "bytes | bytearray", out: "bytes | bytearray") -> str:
-    text = (bytes(diag) + bytes(out)).decode("utf-8", "replace").strip()
-    return repr(text[-2000:]) if text else "(none)"
+def _show(diag: "bytes | bytearray", out: "bytes | bytearray", secret: Optional[str]) -> str:
+    text = (bytes(diag) + bytes(out)).decode("utf-8", "replace").strip()[-2000:]
+    if secret:
+        text = text.replace(secret, "********")
+    return repr(text) if text else "(none)"
 
 
-def start_agent(argv_prefix: Sequence[str], python: str, config: dict, name: str,
-                password: Optional[str] = None, use_tty: bool = False,
+def start_agent(argv: Sequence[str], config: dict, name: str, dialog: Optional[Dialog] = None,
+                use_tty: bool = False, tty_stdin: bool = False,
                 timeout: float = DEFAULT_CONNECT_TIMEOUT, extra_modules: Sequence[str] = (),
-                shell_quote: bool = False, env: Optional[dict] = None,
-                password_prompt: Optional[str] = None) -> Spawned:
-    """Start ``argv_prefix + [python, -c, FIRST_STAGE]`` and bootstrap it.
+                env: Optional[dict] = None) -> Spawned:
+    """Run ``argv`` (which ends in the first stage, reading from fd 1 when
+    ``tty_stdin`` else fd 0) and bootstrap the agent it starts.
 
     Args:
-        argv_prefix: e.g. ``[]`` (local), ``["ssh", ..., "host"]``,
-            ``["sudo", "-u", "alice", "--"]``.
-        python: target interpreter path or name.
         config: the agent config (ids, parent id, name, ...).
-        shell_quote: join the python command into one shell-quoted string
-            (ssh passes its command to the remote shell).
-        password_prompt: a prompt to answer besides the usual "...password:"
-            ones, e.g. the text given to ``sudo -p``.
+        dialog: answers password prompts on the pty (needs ``use_tty``).
+        use_tty: stderr is a pty, the controlling terminal.
+        tty_stdin: stdin is that pty too; the data socket is stdout only.
     Returns:
         A :class:`Spawned` whose socket now carries frames.
     Raises:
         BootstrapError: the command failed, timed out or never answered.
         PasswordError: a password was needed and missing or wrong.
     """
-    import shlex
     blob, _sources = bootstrap.stage2(extra_modules)
-    cmd: List[str] = bootstrap.first_stage_argv(python, len(blob))
-    argv = list(argv_prefix) + ([" ".join(shlex.quote(a) for a in cmd)] if shell_quote else cmd)
-    LOG.debug("%s: starting %s", name, " ".join(shlex.quote(a) for a in argv_prefix) or python)
-    sp = _start(argv, use_tty, env)
+    LOG.debug("%s: starting %s", name, argv[0])
+    sp = _start(argv, use_tty, tty_stdin and use_tty, env)
     try:
-        _handshake(sp, blob + bootstrap.encode_config(config), name, password, timeout,
-                   prompt_pattern(password_prompt))
+        _handshake(sp, bootstrap.encode_stage2(blob) + bootstrap.encode_config(config), name,
+                   dialog, timeout)
     except BaseException:
         sp.data.close()
-        os.close(sp.diag_fd)
-        if sp.proc.poll() is None:
-            sp.proc.kill()
+        os.close(sp.diag_fd)  # a pty's close hangs up the session
+        try:
+            if sp.proc.poll() is None:
+                sp.proc.kill()
+        except OSError:
+            pass  # e.g. a setuid sudo we may not signal
         _wait(sp.proc)
         raise
     return sp

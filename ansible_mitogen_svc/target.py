@@ -25,6 +25,7 @@ import termios
 from typing import Any, Dict, List, Optional
 
 __all__ = ["run_command", "write_file", "pull_file", "read_chunk", "login_shell",
+           "expand_user", "make_temp_dir", "remove_tree", "chmod",
            "MAX_CHUNK"]
 
 # Largest chunk read_chunk() returns: far below the 64 MiB frame limit and
@@ -131,3 +132,106 @@ def read_chunk(path: str, offset: int, size: int) -> Dict[str, Any]:
         data = fp.read(max(0, min(int(size), MAX_CHUNK)))
         total = os.fstat(fp.fileno()).st_size
     return {"data": data, "size": total}
+
+
+# -- action-layer helpers: what ActionBase otherwise runs shell commands for --
+
+def expand_user(path: str) -> str:
+    """``echo ~user`` without a shell: tilde expansion of one word."""
+    return os.path.expanduser(path)
+
+
+def make_temp_dir(tmpdir: str, basefile: str) -> str:
+    """``( umask 77 && mkdir -p TMPDIR && mkdir TMPDIR/BASEFILE )`` without
+    changing the (process-wide) umask: every directory made is 0700.
+    Returns TMPDIR/BASEFILE/ with variables expanded as ``echo`` would."""
+    tmpdir = os.path.expandvars(tmpdir)
+    missing = []
+    head = os.path.abspath(tmpdir)
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    path = os.path.join(tmpdir, basefile)
+    os.mkdir(path, 0o700)
+    return os.path.join(path, "")
+
+
+def remove_tree(path: str) -> None:
+    """``rm -f -r PATH``."""
+    import shutil
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+_WHO = {"u": 0o4700, "g": 0o2070, "o": 0o0007}
+_PERM = {"r": 0o444, "w": 0o222, "x": 0o111, "s": 0o6000}
+
+
+def _apply_mode(mode: str, current: int, is_dir: bool) -> Optional[int]:
+    """The mode ``chmod MODE`` gives a file of mode ``current``; None for
+    forms this does not handle (no ``who``, copies like ``g=u``)."""
+    if mode.isdigit():
+        return int(mode, 8)
+    new = current
+    for clause in mode.split(","):
+        i = 0
+        who = 0
+        while i < len(clause) and clause[i] in "ugoa":
+            who |= 0o7777 if clause[i] == "a" else _WHO[clause[i]]
+            i += 1
+        if not who or i == len(clause):
+            return None
+        while i < len(clause):
+            op = clause[i]
+            if op not in "+-=":
+                return None
+            i += 1
+            bits = 0
+            while i < len(clause) and clause[i] not in "+-=":
+                ch = clause[i]
+                if ch == "X":
+                    if is_dir or current & 0o111:
+                        bits |= 0o111
+                elif ch in _PERM:
+                    bits |= _PERM[ch]
+                else:
+                    return None
+                i += 1
+            bits &= who
+            if op == "+":
+                new |= bits
+            elif op == "-":
+                new &= ~bits
+            else:
+                new = (new & ~(who & 0o777)) | bits
+    return new
+
+
+def chmod(paths: List[str], mode: str) -> bool:
+    """``chmod MODE PATHS...``; False (nothing changed) when the mode is a
+    form this does not handle or a path is missing: the caller then runs
+    the real chmod, for its exact behaviour and error text."""
+    import stat as stat_mod
+    plan = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        new = _apply_mode(mode, stat_mod.S_IMODE(st.st_mode), stat_mod.S_ISDIR(st.st_mode))
+        if new is None:
+            return False
+        plan.append((path, new))
+    for path, new in plan:
+        os.chmod(path, new)
+    return True

@@ -69,7 +69,7 @@ class Msvc:
         return {"stage2_bytes": len(blob), "stage2_build_ms": build_ms,
                 "modules": len(sources), "source_chars_minified": raw,
                 "first_stage_argv_chars": len(" ".join(
-                    self.bootstrap.first_stage_argv(TARGET_PYTHON, len(blob))))}
+                    self.bootstrap.first_stage_argv(TARGET_PYTHON)))}
 
     # connecting ---------------------------------------------------------------
     def start(self, target: Target, name: str, extra: Optional[List[str]] = None,

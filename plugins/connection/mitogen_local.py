@@ -49,6 +49,7 @@ class Connection(AgentConnection):
     """local through a persistent mitogen.svc agent."""
 
     transport = "mitogen.svc.mitogen_local"
+    _transport_word = "local"
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)

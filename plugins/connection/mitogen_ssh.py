@@ -252,6 +252,7 @@ class Connection(AgentConnection):
     """ssh through a persistent mitogen.svc agent."""
 
     transport = "mitogen.svc.mitogen_ssh"
+    _transport_word = "ssh"
 
     def _describe_host(self) -> str:
         return to_text(self.get_option("host") or self._play_context.remote_addr)
@@ -297,6 +298,14 @@ class Connection(AgentConnection):
                         % self.get_option("remote_user"), host=self._describe_host())
         super()._connect()
         return self
+
+    def _vanilla_connection(self) -> t.Any:
+        from ansible_collections.mitogen.svc.plugins.plugin_utils._strategy import (
+            stock_connection)
+        conn = stock_connection("ansible.builtin.ssh", self._play_context)
+        conn.set_options(var_options=self._var_options)
+        conn.set_become_plugin(self.become)
+        return conn
 
     def _shell_argv(self, cmd: str) -> list[str]:
         # sshd hands the command to the login shell: so do we.

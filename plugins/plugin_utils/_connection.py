@@ -11,7 +11,10 @@ agent the first time any worker asks for the spec and keeps it for the run;
 """
 from __future__ import annotations
 
+import ast
 import os
+import re
+import shlex
 import typing as t
 
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
@@ -21,28 +24,48 @@ from ansible.utils.display import Display
 
 from ansible_collections.mitogen.svc.ansible_mitogen_svc import (BrokenError, CallError,
                                                                  RoutingError, TimeoutError)
-from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux, _payload
 
 display = Display()
 
 #: Remote exception types that mean "the target could not be reached".
-_UNREACHABLE_TYPES = ("ansible_mitogen_svc.errors.BootstrapError",
-                      "ansible_mitogen_svc.errors.PasswordError")
+_BOOTSTRAP_ERROR = "ansible_mitogen_svc.errors.BootstrapError"
+_PASSWORD_ERROR = "ansible_mitogen_svc.errors.PasswordError"
+_UNREACHABLE_TYPES = (_BOOTSTRAP_ERROR, _PASSWORD_ERROR)
+#: A bootstrap failure meaning "no such interpreter on the target" (the
+#: shell's 127): commands then run the vanilla way, so ``raw`` works.
+_NO_PYTHON = re.compile(r"status 127\b|\b127\)|not found|No such file or directory")
+_SSH_FAILED = re.compile(r"process exited \(status 255\) before the handshake; output: (.*)$",
+                         re.S)
 #: Files up to this size travel inline in one call; bigger ones stream
 #: from the mux's FileService (windowed, so memory stays bounded).
 INLINE_FILE_LIMIT = 1024 * 1024
 FETCH_CHUNK = 4 * 1024 * 1024
+RUNNER_MODULE = "ansible_mitogen_svc.runner"
 
 
 class AgentConnection(ConnectionBase):
     """Base of the connection plugins that run through an agent."""
 
     has_pipelining = True
+    #: How error messages name the transport ("ssh", like vanilla's).
+    _transport_word = "agent"
+    # Modules always travel in the command's input (what pipelining does):
+    # the agent runs them without temp files, whatever ``pipelining`` says.
+    always_pipeline_modules = True
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self._agent_id: int | None = None
+        self._agent_executable: str | None = None
         self._client: _mux.Client | None = None
+        self._fallback: ConnectionBase | None = None
+        self._var_options: t.Any = None
+        self._module: dict[str, t.Any] | None = None
+        # build_become_command() output -> its input, for the last few calls.
+        self._become_inputs: dict[str, str] = {}
+        # Chained agents (become, other interpreter) by id -> their route.
+        self._chained: dict[int, dict[str, t.Any]] = {}
 
     # -- subclasses ----------------------------------------------------------
     def _route_spec(self) -> dict[str, t.Any]:
@@ -57,13 +80,27 @@ class AgentConnection(ConnectionBase):
     def _describe_host(self) -> str:
         return to_text(self._play_context.remote_addr)
 
+    def _vanilla_connection(self) -> ConnectionBase | None:
+        """The stock plugin to use when the target has no usable Python."""
+        return None
+
+    def set_options(self, task_keys: t.Any = None, var_options: t.Any = None,
+                    direct: t.Any = None) -> None:
+        self._var_options = var_options  # replayed into a vanilla fallback
+        super().set_options(task_keys=task_keys, var_options=var_options, direct=direct)
+
     # -- plumbing ------------------------------------------------------------
-    def _connect_failure(self, exc: BaseException) -> AnsibleConnectionFailure:
+    def _connect_failure(self, exc: t.Any) -> AnsibleConnectionFailure:
+        text = str(exc)
+        # ssh itself failed (its status 255): say what it said, as vanilla does.
+        m = _SSH_FAILED.search(text)
+        if m:
+            text = ast.literal_eval(m.group(1)) if m.group(1) != "(none)" else ""
         return AnsibleConnectionFailure("Failed to connect to the host via %s: %s"
-                                        % (self.transport, exc))
+                                        % (self._transport_word, text))
 
     def _connect(self) -> "AgentConnection":
-        if self._connected and self._agent_id is not None:
+        if self._connected and (self._agent_id is not None or self._fallback is not None):
             return self
         spec = self._route_spec()
         timeout = float(spec.get("timeout") or 30) + 30.0
@@ -71,45 +108,205 @@ class AgentConnection(ConnectionBase):
             self._client = _mux.client()
             reply = self._client.connection_call("get", timeout, spec=spec)
         except CallError as exc:
+            if exc.type_name == _BOOTSTRAP_ERROR and _NO_PYTHON.search(exc.message):
+                fallback = self._vanilla_connection()
+                if fallback is not None:
+                    display.vvv("no Python %s on the target (%s): this task runs the vanilla way"
+                                % (spec.get("python"), exc.message), host=self._describe_host())
+                    self._fallback = fallback
+                    self._connected = True
+                    return self
             if exc.type_name in _UNREACHABLE_TYPES:
-                raise self._connect_failure(exc.message) from exc
+                raise self._connect_failure(exc.message) from None
             raise AnsibleError("mitogen.svc could not start an agent for %s: %s"
-                               % (self._describe_host(), exc)) from exc
+                               % (self._describe_host(), exc)) from None
         except (OSError, BrokenError, RoutingError, TimeoutError) as exc:
-            raise self._connect_failure(exc) from exc
+            raise self._connect_failure(exc) from None
         self._agent_id = int(reply["id"])
+        self._agent_executable = reply.get("executable")
         self._connected = True
         display.vvvv("agent %s (context %d) ready" % (reply.get("name"), self._agent_id),
                      host=self._describe_host())
         return self
 
     def _target(self, function: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        assert self._client is not None and self._agent_id is not None
+        assert self._agent_id is not None
+        return self._call(self._agent_id, _mux.TARGET_MODULE, function, *args, **kwargs)
+
+    def _call(self, agent_id: int, module: str, function: str, *args: t.Any,
+              **kwargs: t.Any) -> t.Any:
+        assert self._client is not None
         try:
-            return self._client.target_call(self._agent_id, function, *args, **kwargs)
+            return self._client.call_function(agent_id, module, function, *args, **kwargs)
         except (BrokenError, RoutingError) as exc:
+            lost = self._chained.pop(agent_id, None)
+            if lost is not None:  # the mux cannot see it died: tell it
+                try:
+                    self._client.connection_call("reset", 30.0, spec=lost)
+                except Exception:
+                    pass
             self._agent_id = None
             self._connected = False
             raise AnsibleConnectionFailure("mitogen.svc agent on %s was lost: %s"
-                                           % (self._describe_host(), exc)) from exc
+                                           % (self._describe_host(), exc)) from None
+
+    def is_pipelining_enabled(self, wrap_async: bool = False) -> bool:
+        try:
+            self._connect()
+        except AnsibleError:
+            pass  # the first command reports it
+        if self._fallback is not None:
+            return bool(self._fallback.is_pipelining_enabled(wrap_async))
+        return bool(super().is_pipelining_enabled(wrap_async))
+
+    def agent_ready(self) -> bool:
+        """Connect; True when an agent (not the vanilla fallback) serves us."""
+        self._connect()
+        return self._agent_id is not None
+
+    def rpc(self, function: str, *args: t.Any) -> t.Any:
+        """Call ``function`` of ansible_mitogen_svc.target in the agent of
+        the login user (what vanilla runs ``sudoable=False`` commands as).
+
+        Raises:
+            AnsibleError: the call failed on the target.
+        """
+        self._connect()
+        if self._agent_id is None:
+            raise AnsibleError("no agent on %s" % self._describe_host())
+        try:
+            return self._target(function, *args)
+        except CallError as exc:
+            raise AnsibleError("%s failed on %s: %s"
+                               % (function, self._describe_host(), exc)) from None
+
+    # -- become bookkeeping --------------------------------------------------
+    def set_become_plugin(self, plugin: t.Any) -> None:
+        super().set_become_plugin(plugin)
+        if plugin is None:
+            return
+        build = plugin.build_become_command
+        inputs = self._become_inputs
+
+        def recording(cmd: str, shell: t.Any) -> str:
+            out = build(cmd, shell)
+            if len(inputs) > 8:
+                inputs.clear()
+            inputs[out] = cmd
+            return out
+
+        plugin.build_become_command = recording
+
+    def _unwrap_become(self, cmd: str) -> str | None:
+        """The command as it was before the become plugin wrapped it (with
+        the same ``executable -c`` around it), or None if it was not."""
+        for out, plain in self._become_inputs.items():
+            if cmd == out:
+                return plain
+            suffix = " -c " + shlex.quote(out)
+            if cmd.endswith(suffix):
+                return cmd[:-len(suffix)] + " -c " + shlex.quote(plain)
+        return None
+
+    # -- modules -------------------------------------------------------------
+    def expect_module(self, interpreter: str | None, env: dict[str, str] | None) -> None:
+        """Called by the action mixin: the next exec_command() runs an
+        AnsiballZ wrapper with ``interpreter`` and task environment ``env``."""
+        self._module = None if interpreter is None else {"interpreter": interpreter, "env": env}
+
+    def _agent_for(self, become: bool, python: str | None = None) -> int | None:
+        """The agent that runs ``python`` (default: the login agent's) as
+        the login user, or through the task's become plugin; None when the
+        command must run the vanilla way (no agent: vanilla fallback)."""
+        self._connect()
+        if self._agent_id is None:
+            return None
+        spec = self._route_spec()
+        python = python or self._agent_executable or spec.get("python")
+        timeout = float(spec.get("timeout") or 30)
+        if become:
+            assert self.become is not None
+            from ansible_collections.mitogen.svc.plugins.plugin_utils._become import become_hop
+            hop = become_hop(self.become, self._shell, str(python), timeout)
+        elif python in (spec.get("python"), self._agent_executable):
+            return self._agent_id
+        else:
+            hop = {"command": None, "python": python, "name": "python", "timeout": timeout}
+        spec["chain"] = [hop]
+        assert self._client is not None
+        try:
+            reply = self._client.connection_call("get", timeout + 30.0, spec=spec)
+        except CallError as exc:
+            if exc.type_name == _PASSWORD_ERROR:
+                raise AnsibleError(exc.message) from None  # as vanilla: "Incorrect sudo password"
+            if exc.type_name == _BOOTSTRAP_ERROR and not become and _NO_PYTHON.search(exc.message):
+                return None  # vanilla reports the missing interpreter
+            raise AnsibleError("mitogen.svc could not start %s on %s: %s"
+                               % ("become (%s)" % self.become.name if become and self.become
+                                  else python, self._describe_host(), exc)) from None
+        except (BrokenError, RoutingError, TimeoutError) as exc:
+            raise self._connect_failure(exc) from None
+        self._chained[int(reply["id"])] = spec
+        display.vvvv("%s agent %s (context %s) ready" % (
+            "become" if become else "interpreter", reply.get("name"), reply["id"]),
+            host=self._describe_host())
+        return int(reply["id"])
+
+    def _exec_module(self, module: dict[str, t.Any], data: bytes,
+                     become: bool) -> tuple[int, bytes, bytes] | None:
+        interp = str(module["interpreter"])
+        agent_id = self._agent_for(become, interp)
+        if agent_id is None:
+            return None
+        part = _payload.split(data)
+        display.vvvv("module runs in the %s zygote of agent %d (zip %s)"
+                     % (interp, agent_id, part.digest), host=self._describe_host())
+        args = (part.head, part.tail, part.digest, module["env"] or {},
+                _payload.zygote_key(interp), _payload.PRELOAD)
+        try:
+            res = self._call(agent_id, RUNNER_MODULE, "run_module", *args)
+            if "missing" in res:
+                res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, blob=part.blob)
+        except CallError as exc:
+            raise AnsibleError("failed to run a module on %s: %s"
+                               % (self._describe_host(), exc)) from None
+        return int(res["rc"]), res["stdout"], res["stderr"]
 
     # -- ConnectionBase ------------------------------------------------------
     def exec_command(self, cmd: str, in_data: bytes | None = None,
                      sudoable: bool = True) -> tuple[int, bytes, bytes]:
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        if self._fallback is not None:
+            return t.cast("tuple[int, bytes, bytes]",
+                          self._fallback.exec_command(cmd, in_data=in_data, sudoable=sudoable))
         display.vvv("EXEC %s" % to_text(cmd), host=self._describe_host())
-        if sudoable and self.become is not None and self.become.expect_prompt():
-            # The prompt would wait on the pty forever: fail clearly instead.
-            raise AnsibleError("mitogen.svc does not support %s with a password yet "
-                               "(become without a password works)" % self.become.name)
+        module, self._module = self._module, None
+        # The command as it was before the become plugin wrapped it: it runs
+        # in the become agent, which already is the become user.
+        plain = self._unwrap_become(cmd) if sudoable and self.become is not None else None
+        if module is not None and in_data is not None:
+            res = self._exec_module(module, in_data, plain is not None)
+            if res is not None:
+                return res
         use_pty = self._use_pty(in_data, sudoable)
+        if plain is not None:
+            agent_id = self._agent_for(True)
+            argv = ["/bin/sh", "-c", plain]
+        else:
+            if sudoable and self.become is not None and self.become.expect_prompt():
+                # Not a command we saw wrapped: its prompt would wait forever.
+                raise AnsibleError("mitogen.svc cannot answer the %s prompt of this command"
+                                   % self.become.name)
+            agent_id = self._agent_id
+            argv = self._shell_argv(to_text(cmd))
+        assert agent_id is not None
         try:
-            res = self._target("run_command", self._shell_argv(to_text(cmd)), in_data, use_pty)
+            res = self._call(agent_id, _mux.TARGET_MODULE, "run_command", argv, in_data, use_pty)
         except CallError as exc:
             raise AnsibleError("failed to run a command on %s: %s"
-                               % (self._describe_host(), exc)) from exc
+                               % (self._describe_host(), exc)) from None
         rc, stdout, stderr = int(res["rc"]), res["stdout"], res["stderr"]
-        if sudoable and self.become is not None and self.become.success:
+        if plain is None and sudoable and self.become is not None and self.become.success:
             stdout, stderr = self._strip_become(stdout, stderr)
         return rc, stdout, stderr
 
@@ -137,6 +334,8 @@ class AgentConnection(ConnectionBase):
 
     def put_file(self, in_path: str, out_path: str) -> None:
         super().put_file(in_path, out_path)
+        if self._fallback is not None:
+            return self._fallback.put_file(in_path, out_path)
         display.vvv("PUT %s TO %s" % (in_path, out_path), host=self._describe_host())
         b_in = to_bytes(in_path, errors="surrogate_or_strict")
         if not os.path.exists(b_in):
@@ -151,10 +350,12 @@ class AgentConnection(ConnectionBase):
                                                     path=os.path.abspath(in_path))
                 self._target("pull_file", real, out_path)
         except CallError as exc:
-            raise AnsibleError("failed to transfer file to %s: %s" % (out_path, exc)) from exc
+            raise AnsibleError("failed to transfer file to %s: %s" % (out_path, exc)) from None
 
     def fetch_file(self, in_path: str, out_path: str) -> None:
         super().fetch_file(in_path, out_path)
+        if self._fallback is not None:
+            return self._fallback.fetch_file(in_path, out_path)
         display.vvv("FETCH %s TO %s" % (in_path, out_path), host=self._describe_host())
         offset = 0
         try:
@@ -166,10 +367,13 @@ class AgentConnection(ConnectionBase):
                     if not res["data"] or offset >= res["size"]:
                         break
         except CallError as exc:
-            raise AnsibleError("failed to transfer file from %s: %s" % (in_path, exc)) from exc
+            raise AnsibleError("failed to transfer file from %s: %s" % (in_path, exc)) from None
 
     def close(self) -> None:
         """Cheap: the agent stays up for the next task."""
+        if self._fallback is not None:
+            self._fallback.close()
+            self._fallback = None
         self._agent_id = None
         self._connected = False
 

@@ -98,8 +98,13 @@ class Client:
 
     def target_call(self, agent_id: int, function: str, *args: t.Any,
                     timeout: float = 3600.0, **kwargs: t.Any) -> t.Any:
+        return self.call_function(agent_id, TARGET_MODULE, function, *args, timeout=timeout,
+                                  **kwargs)
+
+    def call_function(self, agent_id: int, module: str, function: str, *args: t.Any,
+                      timeout: float = 3600.0, **kwargs: t.Any) -> t.Any:
         ctx = self.router.context(agent_id)
-        return ctx.call_function_async(TARGET_MODULE, function, *args, **kwargs).get(timeout)
+        return ctx.call_function_async(module, function, *args, **kwargs).get(timeout)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -6,8 +6,10 @@ Runs on: the controller (ansible-playbook main process).
 :func:`activated` starts the mux (once per process) and, for the duration of
 the strategy's ``run()``, makes ``connection_loader.get_with_context`` hand
 out this collection's connection plugins for ``ssh``, ``smart`` and
-``local``. Workers fork inside ``run()`` and inherit the switch; plays run
-by other strategies see the stock plugins.
+``local``, and ``action_loader.get_with_context`` mix
+:class:`_action.ActionMixin` into actions running over those connections.
+Workers fork inside ``run()`` and inherit the switch; plays run by other
+strategies see the stock plugins.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import contextlib
 import functools
 import typing as t
 
-from ansible.plugins.loader import connection_loader
+from ansible.plugins.loader import action_loader, connection_loader
 
 from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux
 
@@ -29,7 +31,17 @@ REPLACEMENTS = {
     "ansible.builtin.local": "mitogen.svc.mitogen_local",
 }
 
-_switch = {"active": 0}
+_switch = {"active": 0, "bypass": 0}
+
+
+def stock_connection(name: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
+    """The stock connection plugin ``name``, even while our replacements
+    are active (fallback of a connection whose target has no Python)."""
+    _switch["bypass"] += 1
+    try:
+        return connection_loader.get(name, *args, **kwargs)
+    finally:
+        _switch["bypass"] -= 1
 
 
 def _install_hook() -> None:
@@ -39,7 +51,7 @@ def _install_hook() -> None:
 
     @functools.wraps(current)
     def get_with_context(name: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        if _switch["active"] and isinstance(name, str):
+        if _switch["active"] and not _switch["bypass"] and isinstance(name, str):
             name = REPLACEMENTS.get(name, name)
         return current(name, *args, **kwargs)
 
@@ -47,6 +59,24 @@ def _install_hook() -> None:
     # An instance attribute on the one shared loader: PluginLoader.get()
     # and the TaskExecutor both look it up through the instance.
     connection_loader.get_with_context = get_with_context  # type: ignore[method-assign]
+    _install_action_hook()
+
+
+def _install_action_hook() -> None:
+    current = action_loader.get_with_context
+    if getattr(current, "_mitogen_svc_hook", False):
+        return
+    from ansible_collections.mitogen.svc.plugins.plugin_utils import _action
+
+    @functools.wraps(current)
+    def get_with_context(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        result = current(*args, **kwargs)
+        if _switch["active"]:
+            _action.mix_in(getattr(result, "object", None))
+        return result
+
+    get_with_context._mitogen_svc_hook = True  # type: ignore[attr-defined]
+    action_loader.get_with_context = get_with_context  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

@@ -39,8 +39,8 @@ def test_ssh_to_a_closed_port_is_a_bootstrap_error(router: Router, testbed: Any)
 
 
 @pytest.mark.parametrize("password,reason", [
-    (None, "a password was requested but none was given"),
-    ("wrong-pw", "incorrect password"),
+    (None, "Missing sudo password"),
+    ("wrong-pw", "Incorrect sudo password"),
 ])
 def test_sudo_password_errors(router: Router, testbed: Any, password: Any, reason: str) -> None:
     from tests.lib.testbed import ALICE, BOB

@@ -87,8 +87,9 @@ def test_controller_refusals_in_agent(agent: Agent) -> None:
     _refused(ctx, AGENT, "fork_child", "argument 'name' must be str, got int", name=5)
     _refused(ctx, AGENT, "fork_child", "argument 'detach' must be bool, got str",
              detach="yes")
-    _refused(ctx, AGENT, "start_agent", "missing required argument 'prefix'",
-             python="python3", name="x")
+    _refused(ctx, AGENT, "start_hop", "missing required argument 'hop'", name="x")
+    _refused(ctx, AGENT, "start_hop", "argument 'hop' must be dict, got list", hop=[],
+             name="x")
     _refused(ctx, AGENT, "ping", "unexpected argument 'x'", x=1)
     assert call(ctx, AGENT, "ping") is True
 

@@ -1,0 +1,428 @@
+"""Run Ansible modules in children of a warm zygote.
+
+Runs on: targets (shipped to every agent the mux starts, through
+``extra_modules``). Never imports ansible itself: only the zygote imports
+``ansible.module_utils`` from a module zip the controller sent.
+
+Theory of operation
+-------------------
+Vanilla Ansible with pipelining runs ``python3`` per task and feeds it the
+AnsiballZ wrapper on stdin. The wrapper carries the module zip (base64) and
+the task's parameters. Here the controller splits the wrapper into
+
+* the zip text (big, the same for every task of one module in a run): sent
+  once per agent and kept in a :class:`_Cache` keyed by its SHA-1, and
+* the rest (wrapper code and parameters, a few KiB): sent every task.
+
+:func:`run_module` (in the agent, called by the controller) puts the wrapper
+back together and hands it to a *zygote*: a process forked from the agent's
+virgin fork parent that imported ``ansible.module_utils.basic`` once from a
+module zip and then only forks. Each task runs in a fresh child of the
+zygote, so no Python start-up and no ``basic`` import per task, and nothing
+a module does outlives its task. The child executes the unmodified wrapper
+as ``__main__`` with stdin at EOF, stdout/stderr on pipes and the task's
+environment, exactly like ``python3`` reading it from stdin: the controller
+parses the output the vanilla way (junk filtering, warnings, rc).
+
+The zygote is single-threaded: it serves fork requests on a SOCK_SEQPACKET
+socket, each carrying four fds (program pipe, stdout, stderr, status pipe),
+and writes each child's exit status (``-N`` for signal N) to that child's
+status pipe when it reaps it. Packages imported in the zygote keep finding
+submodules that only a task's zip has: the child puts that zip first on
+every preloaded ``ansible`` package's ``__path__``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from typing import Any, Dict, List, Optional
+
+from .errors import BrokenError
+from .forkserver import recv_packet, send_packet
+
+__all__ = ["run_module", "zygote_main", "CACHE_LIMIT"]
+
+LOG = logging.getLogger("ansible_mitogen_svc.runner")
+
+#: Bytes of module zip text an agent keeps in memory (least recently used
+#: zips are dropped first; the controller resends them on demand).
+CACHE_LIMIT = 64 * 1024 * 1024
+#: Seconds the zygote may take to answer a fork request.
+SPAWN_TIMEOUT = 30.0
+_ENTRY = "ansible_mitogen_svc.runner:zygote_main"
+
+
+class _Cache:
+    """Module zip text by SHA-1 (memory, LRU) and each zip decoded on disk
+    (zipimport needs a file) in a private directory removed at exit."""
+
+    def __init__(self, limit: int = CACHE_LIMIT) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._blobs: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
+        self._size = 0
+        self._dir: Optional[str] = None
+
+    def directory(self) -> str:
+        with self._lock:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="msvc-modules-")
+                from .agent import at_exit
+                at_exit(lambda: shutil.rmtree(str(self._dir), ignore_errors=True))
+            return self._dir
+
+    def get(self, digest: str) -> Optional[bytes]:
+        with self._lock:
+            blob = self._blobs.get(digest)
+            if blob is not None:
+                self._blobs.move_to_end(digest)
+            return blob
+
+    def zip_path(self, digest: str) -> str:
+        return os.path.join(self.directory(), digest + ".zip")
+
+    def put(self, digest: str, blob: bytes) -> None:
+        if hashlib.sha1(blob).hexdigest() != digest:
+            raise ValueError("module zip does not match its digest %s" % digest)
+        path = self.zip_path(digest)
+        if not os.path.exists(path):
+            try:
+                data = base64.b64decode(blob, validate=True)
+            except binascii.Error as exc:
+                raise ValueError("module zip %s is not base64: %s" % (digest, exc)) from exc
+            tmp = "%s.%d.%d" % (path, os.getpid(), threading.get_ident())
+            with open(tmp, "wb") as fp:
+                fp.write(data)
+            os.rename(tmp, path)
+        with self._lock:
+            if digest not in self._blobs:
+                self._blobs[digest] = blob
+                self._size += len(blob)
+            while self._size > self.limit and len(self._blobs) > 1:
+                _old, dropped = self._blobs.popitem(last=False)
+                self._size -= len(dropped)
+
+
+class _Zygote:
+    """The agent's handle on one zygote process."""
+
+    def __init__(self, key: str, zip_path: str, preload: List[str]) -> None:
+        from .agent import fork_server
+        server = fork_server()
+        if server is None:
+            raise RuntimeError("only an agent with a fork parent can run modules")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.pid = server.fork({"entry": _ENTRY, "zip": zip_path, "preload": preload,
+                                    "name": "zygote"}, theirs.fileno())
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.set_inheritable(False)
+        self.key = key
+        self._sock = mine
+        self._lock = threading.Lock()
+
+    def spawn(self, request: Dict[str, Any], fds: List[int]) -> int:
+        """Fork a task child; returns its pid. Raises BrokenError."""
+        with self._lock:
+            try:
+                send_packet(self._sock, request, fds)
+                ready, _, _ = select.select([self._sock], [], [], SPAWN_TIMEOUT)
+                if not ready:
+                    raise BrokenError("zygote %d did not answer" % self.pid)
+                reply, extra = recv_packet(self._sock)
+            except OSError as exc:
+                raise BrokenError("zygote %d is gone: %s" % (self.pid, exc)) from exc
+        for fd in extra:
+            os.close(fd)
+        if not isinstance(reply, dict) or "pid" not in reply:
+            raise BrokenError("zygote %d closed its socket" % self.pid)
+        return int(reply["pid"])
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+_cache = _Cache()
+_zygotes: Dict[str, _Zygote] = {}
+_zygote_lock = threading.Lock()
+
+
+def _zygote(key: str, zip_path: str, preload: List[str], fresh: bool = False) -> _Zygote:
+    with _zygote_lock:
+        zyg = _zygotes.get(key)
+        if zyg is not None and fresh:
+            zyg.close()
+            zyg = None
+        if zyg is None:
+            zyg = _zygotes[key] = _Zygote(key, zip_path, preload)
+        return zyg
+
+
+def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, str],
+               zygote_key: str, preload: List[str], blob: Optional[bytes] = None
+               ) -> Dict[str, Any]:
+    """Run the AnsiballZ wrapper ``head + zip text + tail`` like
+    ``python3`` would read it from stdin, in a child of the zygote for
+    ``zygote_key``; ``env`` is added to the environment.
+
+    Returns ``{"rc", "stdout", "stderr"}``, or ``{"missing": digest}``
+    when the zip text is not cached here: call again with ``blob``.
+    """
+    zip_path = None
+    if digest is not None:
+        if blob is not None:
+            _cache.put(digest, blob)
+        else:
+            blob = _cache.get(digest)
+            if blob is None:
+                return {"missing": digest}
+        zip_path = _cache.zip_path(digest)
+    program = head + (blob or b"") + tail
+    request = {"env": env, "zip": zip_path}
+    for attempt in (0, 1):
+        zyg = _zygote(zygote_key, zip_path or "", preload, fresh=attempt == 1)
+        try:
+            return _run_child(zyg, request, program)
+        except BrokenError:
+            if attempt:
+                raise
+            LOG.warning("zygote for %s lost; starting a new one", zygote_key[:12])
+    raise AssertionError("unreachable")
+
+
+def _run_child(zyg: _Zygote, request: Dict[str, Any], program: bytes) -> Dict[str, Any]:
+    prog_r, prog_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    st_r, st_w = os.pipe()
+    theirs = [prog_r, out_w, err_w, st_w]
+    ours = [prog_w, out_r, err_r, st_r]
+    try:
+        zyg.spawn(request, theirs)
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    try:
+        try:
+            view = memoryview(program)
+            while view:
+                view = view[os.write(prog_w, view[:65536]):]
+        except OSError:
+            pass  # the child died before reading its program: its rc says why
+        os.close(prog_w)
+        ours.remove(prog_w)
+        out, err, status = _collect(out_r, err_r, st_r)
+    finally:
+        for fd in ours:
+            os.close(fd)
+    rc = int(status.strip() or b"-9")
+    return {"rc": rc, "stdout": out, "stderr": err}
+
+
+def _collect(out_r: int, err_r: int, st_r: int) -> "tuple[bytes, bytes, bytes]":
+    bufs: Dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray(), st_r: bytearray()}
+    open_fds = set(bufs)
+    while open_fds:
+        ready, _, _ = select.select(list(open_fds), [], [])
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if data:
+                bufs[fd] += data
+            else:
+                open_fds.discard(fd)
+    return bytes(bufs[out_r]), bytes(bufs[err_r]), bytes(bufs[st_r])
+
+
+# -- the zygote process (single-threaded) ----------------------------------
+
+def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
+    """Entry point of the zygote, forked by the virgin fork parent."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
+    _preload(str(cfg.get("zip") or ""), [str(n) for n in cfg.get("preload") or ()])
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    status: Dict[int, int] = {}
+    while True:
+        try:
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [], 5.0)
+        except InterruptedError:
+            ready = []
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        _reap(status)
+        if sock.fileno() not in ready:
+            continue
+        try:
+            req, fds = recv_packet(sock)
+        except OSError:
+            return
+        if req is None:
+            return
+        if not isinstance(req, dict) or len(fds) != 4:
+            for x in fds:
+                os.close(x)
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            for x in [wake_r, wake_w] + list(status.values()):
+                os.close(x)
+            _task_child(req, fds)
+        for x in fds[:3]:
+            os.close(x)
+        status[pid] = fds[3]
+        send_packet(sock, {"pid": pid})
+
+
+def _reap(status: Dict[int, int]) -> None:
+    while True:
+        try:
+            pid, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        rc = -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+        fd = status.pop(pid, None)
+        if fd is not None:
+            try:
+                os.write(fd, b"%d\n" % rc)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _preload(zip_path: str, names: List[str]) -> None:
+    if not zip_path:
+        return
+    import importlib
+    sys.path.insert(0, zip_path)
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # a zip without it: tasks import it themselves
+                LOG.debug("zygote: cannot preload %s: %s", name, exc)
+    finally:
+        sys.path.remove(zip_path)
+
+
+def _task_child(req: Dict[str, Any], fds: List[int]) -> None:
+    """In a fresh child of the zygote: become ``python3 < wrapper``."""
+    code = 1
+    try:
+        prog, out, err, st = fds
+        os.close(st)
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        null = os.open(os.devnull, os.O_RDONLY)
+        for src, dst in ((null, 0), (out, 1), (err, 2)):
+            os.dup2(src, dst)
+            os.close(src)
+        chunks = []
+        while True:
+            data = os.read(prog, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(prog)
+        _prepare(req)
+        code = _execute(b"".join(chunks))
+    finally:
+        os._exit(code)
+
+
+def _prepare(req: Dict[str, Any]) -> None:
+    env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+    os.environ.update(env)
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if extra:
+        at = 1 if sys.path and sys.path[0] == "" else 0
+        sys.path[at:at] = extra
+    if "LANG" in env or "LC_ALL" in env or "LC_CTYPE" in env:
+        import locale
+        try:
+            locale.setlocale(locale.LC_CTYPE, "")
+        except locale.Error:
+            pass
+    sys.argv = [""]
+    zip_path = req.get("zip")
+    if zip_path:
+        for name, mod in list(sys.modules.items()):
+            path = getattr(mod, "__path__", None)
+            if (name == "ansible" or name.startswith("ansible.")) and isinstance(path, list):
+                mod.__path__ = [os.path.join(str(zip_path), *name.split("."))] + path
+    for name in ("stdout", "stderr"):
+        old = getattr(sys, name)
+        new = open(1 if name == "stdout" else 2, "w", encoding=old.encoding, errors=old.errors,
+                   closefd=False)
+        setattr(sys, name, new)
+        setattr(sys, "__%s__" % name, new)
+    sys.stdin = open(0, "r", closefd=False)
+    setattr(sys, "__stdin__", sys.stdin)
+
+
+def _execute(source: bytes) -> int:
+    import builtins
+    import types
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    try:
+        exec(compile(source, "<stdin>", "exec"), main.__dict__)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    try:
+        import atexit
+        atexit._run_exitfuncs()
+        import threading as _threading
+        getattr(_threading, "_shutdown", lambda: None)()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+    return code
+
+
+def _exit_code(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    try:
+        sys.stderr.write("%s\n" % (value,))
+    except Exception:
+        pass
+    return 1

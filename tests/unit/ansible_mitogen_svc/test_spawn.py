@@ -1,0 +1,58 @@
+"""spawn.Dialog: when the password is typed and which output is an error
+(sans-IO, no processes)."""
+from __future__ import annotations
+
+import pytest
+
+from ansible_mitogen_svc import PasswordError
+from ansible_mitogen_svc.spawn import Dialog, prompt_pattern
+
+SUDO = r"\[sudo via ansible, key=k\] password:\s*$"
+
+
+def sudo(password: "str | None" = "pw") -> Dialog:
+    return Dialog("sudo", password, SUDO, incorrect=["Sorry, try again."],
+                  missing=["sudo: a password is required"])
+
+
+def test_answers_the_prompt_once_even_when_split() -> None:
+    d = sudo()
+    assert d.feed(b"[sudo via ansible, ") == b""
+    assert d.feed(b"key=k] password: ") == b"pw\n"
+    assert d.feed(b"\r\n") == b""
+
+
+def test_a_second_prompt_means_incorrect() -> None:
+    d = sudo()
+    d.feed(b"[sudo via ansible, key=k] password:")
+    with pytest.raises(PasswordError, match="^Incorrect sudo password$"):
+        d.feed(b"\r\n[sudo via ansible, key=k] password:")
+
+
+def test_incorrect_text_counts_only_after_an_answer() -> None:
+    d = sudo()
+    assert d.feed(b"motd: Sorry, try again.\n") == b""
+    d.feed(b"[sudo via ansible, key=k] password:")
+    with pytest.raises(PasswordError, match="^Incorrect sudo password$"):
+        d.feed(b"\r\nSorry, try again.\r\n")
+
+
+@pytest.mark.parametrize("output", [b"sudo: a password is required\r\n",
+                                    b"[sudo via ansible, key=k] password:"])
+def test_missing_password(output: bytes) -> None:
+    with pytest.raises(PasswordError, match="^Missing sudo password$"):
+        sudo(None).feed(output)
+
+
+def test_exit_explained_by_the_output() -> None:
+    d = Dialog("su", "pw", incorrect=["Authentication failure"])
+    assert d.feed(b"Password: ") == b"pw\n"
+    with pytest.raises(PasswordError, match="^Incorrect su password$"):
+        d.exited(b"su: Authentication failure\r\n", b"")
+    Dialog("su", "pw").exited(b"/bin/sh: 1: python9: not found\n", b"")  # not about passwords
+
+
+def test_default_and_named_prompts() -> None:
+    assert Dialog("ssh", "pw").feed(b"alice@host's password: ") == b"pw\n"
+    named = Dialog("sudo", "pw", prompt_pattern("Enter secret> "))
+    assert named.feed(b"Enter secret> ") == b"pw\n"
