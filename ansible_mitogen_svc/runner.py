@@ -46,12 +46,13 @@ import socket
 import sys
 import tempfile
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import BrokenError
 from .forkserver import recv_packet, send_packet
 
-__all__ = ["run_module", "zygote_main", "CACHE_LIMIT"]
+__all__ = ["run_module", "zygote_main", "load_program", "run_program", "ISOLATIONS",
+           "CACHE_LIMIT"]
 
 LOG = logging.getLogger("ansible_mitogen_svc.runner")
 
@@ -61,6 +62,10 @@ CACHE_LIMIT = 64 * 1024 * 1024
 #: Seconds the zygote may take to answer a fork request.
 SPAWN_TIMEOUT = 30.0
 _ENTRY = "ansible_mitogen_svc.runner:zygote_main"
+#: Where a task's module may run: a fresh child of the warm zygote (the
+#: default), or a fresh child of a one-shot process forked from the virgin
+#: fork parent, which imported nothing of any task (``fork``).
+ISOLATIONS = ("zygote", "fork")
 
 
 class _Cache:
@@ -117,7 +122,7 @@ class _Cache:
 class _Zygote:
     """The agent's handle on one zygote process."""
 
-    def __init__(self, key: str, zip_path: str, preload: List[str]) -> None:
+    def __init__(self, key: str, zip_path: str, preload: List[str], once: bool = False) -> None:
         from .agent import fork_server
         server = fork_server()
         if server is None:
@@ -125,7 +130,8 @@ class _Zygote:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.pid = server.fork({"entry": _ENTRY, "zip": zip_path, "preload": preload,
-                                    "name": "zygote"}, theirs.fileno())
+                                    "name": "isolated" if once else "zygote", "once": once},
+                                   theirs.fileno())
         except BaseException:
             mine.close()
             raise
@@ -173,27 +179,55 @@ def _zygote(key: str, zip_path: str, preload: List[str], fresh: bool = False) ->
         return zyg
 
 
+def load_program(head: bytes, tail: bytes, digest: Optional[str],
+                 blob: Optional[bytes] = None) -> Optional[Tuple[bytes, Optional[str]]]:
+    """The AnsiballZ wrapper ``head + zip text + tail`` and the path of
+    its module zip on disk (None without a zip); None when the zip text
+    is neither cached here nor given as ``blob``.
+
+    Raises:
+        ValueError: ``blob`` does not match ``digest`` or is not base64.
+    """
+    if digest is None:
+        return head + (blob or b"") + tail, None
+    if blob is not None:
+        _cache.put(digest, blob)
+    else:
+        blob = _cache.get(digest)
+        if blob is None:
+            return None
+    return head + blob + tail, _cache.zip_path(digest)
+
+
 def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, str],
-               zygote_key: str, preload: List[str], blob: Optional[bytes] = None
-               ) -> Dict[str, Any]:
+               zygote_key: str, preload: List[str], blob: Optional[bytes] = None,
+               isolation: str = "zygote") -> Dict[str, Any]:
     """Run the AnsiballZ wrapper ``head + zip text + tail`` like
     ``python3`` would read it from stdin, in a child of the zygote for
-    ``zygote_key``; ``env`` is added to the environment.
+    ``zygote_key`` (or, with ``isolation="fork"``, of a one-shot process
+    forked from the virgin fork parent); ``env`` is added to the
+    environment.
 
     Returns ``{"rc", "stdout", "stderr"}``, or ``{"missing": digest}``
     when the zip text is not cached here: call again with ``blob``.
+
+    Raises:
+        ValueError: an unknown ``isolation``.
+        BrokenError: no zygote could be started or reached.
     """
-    zip_path = None
-    if digest is not None:
-        if blob is not None:
-            _cache.put(digest, blob)
-        else:
-            blob = _cache.get(digest)
-            if blob is None:
-                return {"missing": digest}
-        zip_path = _cache.zip_path(digest)
-    program = head + (blob or b"") + tail
+    if isolation not in ISOLATIONS:
+        raise ValueError("isolation must be one of %s, not %r" % (", ".join(ISOLATIONS), isolation))
+    loaded = load_program(head, tail, digest, blob)
+    if loaded is None:
+        return {"missing": digest}
+    program, zip_path = loaded
     request = {"env": env, "zip": zip_path}
+    if isolation == "fork":
+        zyg = _Zygote("fork", "", [], once=True)
+        try:
+            return _run_child(zyg, request, program)
+        finally:
+            zyg.close()
     for attempt in (0, 1):
         zyg = _zygote(zygote_key, zip_path or "", preload, fresh=attempt == 1)
         try:
@@ -255,22 +289,29 @@ def _collect(out_r: int, err_r: int, st_r: int) -> "tuple[bytes, bytes, bytes]":
 # -- the zygote process (single-threaded) ----------------------------------
 
 def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
-    """Entry point of the zygote, forked by the virgin fork parent."""
+    """Entry point of the zygote, forked by the virgin fork parent. With
+    ``cfg["once"]`` it serves one request, reports that child's status and
+    returns (``mitogen_task_isolation: fork``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
     _preload(str(cfg.get("zip") or ""), [str(n) for n in cfg.get("preload") or ()])
+    once = bool(cfg.get("once"))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     status: Dict[int, int] = {}
+    served = False
     while True:
+        watch = [wake_r] if served else [sock.fileno(), wake_r]
         try:
-            ready, _, _ = select.select([sock.fileno(), wake_r], [], [], 5.0)
+            ready, _, _ = select.select(watch, [], [], 5.0)
         except InterruptedError:
             ready = []
         if wake_r in ready:
             os.read(wake_r, 4096)
         _reap(status)
+        if served and not status:
+            return
         if sock.fileno() not in ready:
             continue
         try:
@@ -295,6 +336,7 @@ def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
             os.close(x)
         status[pid] = fds[3]
         send_packet(sock, {"pid": pid})
+        served = once
 
 
 def _reap(status: Dict[int, int]) -> None:
@@ -337,13 +379,6 @@ def _task_child(req: Dict[str, Any], fds: List[int]) -> None:
         prog, out, err, st = fds
         os.close(st)
         os.setsid()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        null = os.open(os.devnull, os.O_RDONLY)
-        for src, dst in ((null, 0), (out, 1), (err, 2)):
-            os.dup2(src, dst)
-            os.close(src)
         chunks = []
         while True:
             data = os.read(prog, 65536)
@@ -351,10 +386,27 @@ def _task_child(req: Dict[str, Any], fds: List[int]) -> None:
                 break
             chunks.append(data)
         os.close(prog)
-        _prepare(req)
-        code = _execute(b"".join(chunks))
+        code = run_program(req, b"".join(chunks), out, err)
     finally:
         os._exit(code)
+
+
+def run_program(req: Dict[str, Any], program: bytes, out: int, err: int) -> int:
+    """In a freshly forked, single-threaded child: run the AnsiballZ
+    wrapper ``program`` as ``python3 < wrapper`` would, with stdin at EOF,
+    stdout on ``out``, stderr on ``err`` (both fds are moved to 1 and 2)
+    and ``req["env"]`` added to the environment. Returns the exit status
+    the interpreter would have had; the caller ends the process with it."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    null = os.open(os.devnull, os.O_RDONLY)
+    for src, dst in ((null, 0), (out, 1), (err, 2)):
+        if src != dst:
+            os.dup2(src, dst)
+            os.close(src)
+    _prepare(req)
+    return _execute(program)
 
 
 def _prepare(req: Dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ newest_python() {
 
 venv=$root/.venv/$name
 # The stamp covers the pip arguments and the contents of any -r files.
-stamp="$python $* $(for a in "$@"; do [ -f "$a" ] && cksum < "$a"; done | tr '\n' ' ')"
+stamp="$python $* $(for a in "$@"; do if [ -f "$a" ]; then cksum < "$a"; fi; done | tr '\n' ' ')"
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$venv/bin/python"; exit 0
 fi

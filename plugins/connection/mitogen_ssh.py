@@ -208,6 +208,18 @@ DOCUMENTATION = """
         env:
           - name: ANSIBLE_MITOGEN_SSH_AGENT_PYTHON
         version_added: 0.1.0
+      become_cap:
+        description:
+          - Most become agents (one per become user, method and settings) kept
+            below one login agent. Asking for one more stops the least recently
+            used one (and anything chained below it).
+        type: integer
+        default: 8
+        vars:
+          - name: ansible_mitogen_become_cap
+        env:
+          - name: ANSIBLE_MITOGEN_BECOME_CAP
+        version_added: 0.1.0
 """
 
 import os

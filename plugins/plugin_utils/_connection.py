@@ -199,13 +199,19 @@ class AgentConnection(ConnectionBase):
 
     def _unwrap_become(self, cmd: str) -> str | None:
         """The command as it was before the become plugin wrapped it (with
-        the same ``executable -c`` around it), or None if it was not."""
+        whatever Ansible put around the wrapped command: ``executable -c``,
+        ``&& sleep 0``...), or None if it was not wrapped."""
         for out, plain in self._become_inputs.items():
-            if cmd == out:
-                return plain
-            suffix = " -c " + shlex.quote(out)
-            if cmd.endswith(suffix):
-                return cmd[:-len(suffix)] + " -c " + shlex.quote(plain)
+            if out in cmd:
+                return cmd.replace(out, plain, 1)
+            try:
+                words = shlex.split(cmd)
+            except ValueError:
+                continue
+            for i, word in enumerate(words):
+                if out in word:
+                    words[i] = word.replace(out, plain, 1)
+                    return " ".join(shlex.quote(w) for w in words)
         return None
 
     # -- modules -------------------------------------------------------------
@@ -233,6 +239,10 @@ class AgentConnection(ConnectionBase):
         else:
             hop = {"command": None, "python": python, "name": "python", "timeout": timeout}
         spec["chain"] = [hop]
+        try:
+            spec["become_cap"] = int(self.get_option("become_cap"))
+        except KeyError:
+            pass
         assert self._client is not None
         try:
             reply = self._client.connection_call("get", timeout + 30.0, spec=spec)
@@ -284,6 +294,10 @@ class AgentConnection(ConnectionBase):
         # The command as it was before the become plugin wrapped it: it runs
         # in the become agent, which already is the become user.
         plain = self._unwrap_become(cmd) if sudoable and self.become is not None else None
+        if plain is None and sudoable and self.become is not None and self._become_inputs:
+            # The plugin wrapped something we cannot find in the command:
+            # never run it as the login user, run it as it is (vanilla).
+            module = None
         if module is not None and in_data is not None:
             res = self._exec_module(module, in_data, plain is not None)
             if res is not None:

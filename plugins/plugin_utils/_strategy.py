@@ -19,7 +19,7 @@ import typing as t
 
 from ansible.plugins.loader import action_loader, connection_loader
 
-from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux, _payload
 
 #: Stock connection names and the plugin replacing each under the strategy.
 REPLACEMENTS = {
@@ -84,6 +84,7 @@ def activated() -> t.Iterator[None]:
     """Start the mux, route stock connections to ours while the block runs."""
     _mux.ensure_mux()
     _install_hook()
+    _payload.zygote_key("")  # hash module_utils once, before workers fork
     _switch["active"] += 1
     try:
         yield
