@@ -148,6 +148,31 @@ def _minify(source: str) -> str:
     return ast.unparse(tree) + "\n"  # type: ignore[attr-defined]
 
 
+def _minify_cached(source: str) -> str:
+    """_minify() through a per-user cache (~/.cache/mitogen-svc): it costs
+    ~1 s of CPU per run otherwise, which a one-task run would notice.
+    Keyed by the source and the Python version doing the unparsing."""
+    import hashlib
+    key = hashlib.sha256(("%d.%d\0" % sys.version_info[:2] + source).encode("utf-8")).hexdigest()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "mitogen-svc", "min-%s.py" % key)
+    try:
+        with open(path, encoding="utf-8") as fp:
+            return fp.read()
+    except OSError:
+        pass
+    out = _minify(source)
+    try:
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        with open(tmp, "w", encoding="utf-8") as fp:
+            fp.write(out)
+        os.rename(tmp, path)
+    except OSError:
+        pass  # read-only home: minify again next time
+    return out
+
+
 # Targets always see the runtime as ``ansible_mitogen_svc``, whatever it is
 # called here (``ansible_collections.mitogen.svc.ansible_mitogen_svc`` when
 # loaded as part of the installed collection).
@@ -179,7 +204,7 @@ def _module_sources(names: Iterable[str], minify: bool) -> Sources:
                 raise ImportError("cannot find the source of %s to ship it" % name)
             is_pkg, src = hasattr(mod, "__path__"), text
         if minify and sys.version_info >= (3, 9):
-            src = _minify(src)
+            src = _minify_cached(src)
         out[name] = (is_pkg, src)
     return out
 
