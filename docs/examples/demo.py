@@ -1,5 +1,6 @@
-"""The README's main command (scripts/demo.sh): the FileService example of
-docs/services.md against a real agent.
+"""``bash scripts/demo.sh --runtime`` (the README's main command before it
+ran a playbook): the FileService example of docs/services.md against a
+real agent.
 
 It starts a loopback sshd target from the test bed (tests/lib/testbed.py)
 when it can (root, openssh-server installed), else a local agent; registers
