@@ -19,6 +19,10 @@ host); from then on only contexts in the same subtree as that owner may
 
 Results are kept until forgotten, at most MAX_JOBS of them; beyond that the
 oldest finished results are dropped first.
+
+Every method but ``push`` is for the controller side only
+(:class:`~policy.AllowController`: this process, its parents, and the
+trusted worker processes attached to the mux).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Any, Dict, List
 
 from .context import Router
 from .errors import TimeoutError
-from .policy import CHILD, AllowAny, AllowParents, Caller
+from .policy import CHILD, AllowAny, AllowController, Caller
 from .service import Responder, Service, arg_spec, current_call, expose
 
 __all__ = ["JobResultService", "MAX_JOBS"]
@@ -49,7 +53,7 @@ class JobResultService(Service):
         self._listeners: Dict[str, List[Responder]] = {}
         self.pushes = 0
 
-    @expose(AllowParents())
+    @expose(AllowController())
     @arg_spec({"job_id": str, "owner": int})
     def register(self, job_id: str, owner: int) -> None:
         """Only ``owner``'s subtree may push this job's result."""
@@ -84,7 +88,7 @@ class JobResultService(Service):
             r.send(result)
         return True
 
-    @expose(AllowParents())
+    @expose(AllowController())
     @arg_spec({"job_id": str, "timeout": (int, float)})
     def listen(self, job_id: str, timeout: float = 3600.0) -> Any:
         """The job's result, as soon as it is pushed. Raises TimeoutError
@@ -108,7 +112,7 @@ class JobResultService(Service):
         self.router.broker.call_later(float(timeout), expire)
         return None
 
-    @expose(AllowParents())
+    @expose(AllowController())
     @arg_spec({"job_id": str})
     def get(self, job_id: str) -> Dict[str, Any]:
         """Non-blocking: the state of a job and its result if finished."""
@@ -119,7 +123,7 @@ class JobResultService(Service):
                 return {"state": "running", "result": None}
         return {"state": "unknown", "result": None}
 
-    @expose(AllowParents())
+    @expose(AllowController())
     @arg_spec({"job_id": str})
     def forget(self, job_id: str) -> bool:
         with self._lock:
@@ -128,7 +132,7 @@ class JobResultService(Service):
             self._owners.pop(job_id, None)
         return known
 
-    @expose(AllowParents())
+    @expose(AllowController())
     def statistics(self) -> Dict[str, int]:
         with self._lock:
             return {"jobs": len(self._results), "pushes": self.pushes,

@@ -65,8 +65,9 @@ READY = b"MSVC-MUX-READY "
 SOCKET_NAME = "mux.sock"
 TARGET_MODULE = "ansible_mitogen_svc.target"
 RUNNER_MODULE = "ansible_mitogen_svc.runner"
+ASYNCJOB_MODULE = "ansible_mitogen_svc.asyncjob"
 #: Modules every agent the mux starts gets beyond the runtime.
-AGENT_MODULES = [TARGET_MODULE, RUNNER_MODULE]
+AGENT_MODULES = [TARGET_MODULE, RUNNER_MODULE, ASYNCJOB_MODULE]
 AGENT_SERVICE = "ansible_mitogen_svc.agent.AgentService"
 #: Chained (become) agents kept per base route, least recently got stopped
 #: first; a spec's ``become_cap`` overrides it. An idle agent costs ~20 MB
@@ -214,6 +215,25 @@ class ConnectionService(DeduplicatingService):
         with self._lock:
             base = sum(1 for r in self._routes.values() if len(r.path) == 1)
             return {"routes": base, "chained": len(self._routes) - base}
+
+    @expose(TrustedWorkers())
+    def counters(self) -> List[Dict[str, Any]]:
+        """Traffic on the stream to each base agent since it started (its
+        become agents and forked children share that stream): one dict per
+        live agent with ``name`` (e.g. ``ssh.<host>``), ``id``,
+        ``messages_out``/``bytes_out`` (sent towards the target) and
+        ``messages_in``/``bytes_in``."""
+        with self._lock:
+            routes = [r for r in self._routes.values() if len(r.path) == 1]
+        out = []
+        for route in routes:
+            stream = self.router.stream_to(route.ctx.context_id)
+            if stream is None:
+                continue
+            out.append({"name": route.ctx.name, "id": route.ctx.context_id,
+                        "messages_out": stream.messages_out, "bytes_out": stream.bytes_out,
+                        "messages_in": stream.messages_in, "bytes_in": stream.bytes_in})
+        return out
 
     # -- the table --------------------------------------------------------------------
     def _ensure(self, path: Tuple[bytes, ...], start: Callable[[Context], Context],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 
 __all__ = ["Caller", "Policy", "AllowAny", "AllowParents", "AllowChildren",
-           "SELF", "PARENT", "CHILD"]
+           "AllowController", "SELF", "PARENT", "CHILD"]
 
 SELF, PARENT, CHILD = "self", "parent", "child"
 
@@ -65,3 +65,12 @@ class AllowChildren(Policy):
 
     def is_authorized(self, caller: Caller) -> bool:
         return caller.relation in (SELF, CHILD)
+
+
+class AllowController(Policy):
+    """The controller's side of the tree: this process, callers upstream
+    of us, and trusted children (the controller's own worker processes
+    attached to the mux). Agents and their children are never trusted."""
+
+    def is_authorized(self, caller: Caller) -> bool:
+        return caller.relation in (SELF, PARENT) or (caller.relation == CHILD and caller.trusted)

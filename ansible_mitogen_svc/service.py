@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import queue
-import sys
 import threading
 import traceback
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -392,7 +391,9 @@ class Pool:
                 raise _Refusal("module %r was not shipped to this context" % (modname,))
             if not isinstance(fname, str) or fname.startswith("_"):
                 raise _Refusal("function name %r is not public" % (fname,))
-            mod = sys.modules.get(modname) or __import__(modname, fromlist=["_"])
+            # Not sys.modules first: another thread may be importing it
+            # right now, and __import__ waits until that import finished.
+            mod = __import__(modname, fromlist=["_"])
             fn = getattr(mod, fname, None)
             if not isinstance(fn, type(_check_args)) or fn.__module__ != modname:
                 raise _Refusal("%r is not a function defined in %s" % (fname, modname))

@@ -21,7 +21,7 @@ from ansible.errors import AnsibleError
 
 from ansible.utils.display import Display
 
-from ansible_collections.mitogen.svc.plugins.plugin_utils import _payload
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _async, _payload
 from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import AgentConnection
 
 display = Display()
@@ -62,7 +62,7 @@ def _mixed_class(base: type) -> type:
             interp = interpreter_path(getattr(self, "_used_interpreter", None))
             if (env is not None and interp and not executable and _payload.is_wrapper(in_data)
                     and isinstance(conn, AgentConnection)):
-                conn.expect_module(interp, env)
+                conn.expect_module(interp, env, self._msvc_run)
             try:
                 return super()._low_level_execute_command(cmd, sudoable, in_data, executable,
                                                           *args, **kwargs)
@@ -137,6 +137,17 @@ def _mixed_class(base: type) -> type:
                 if done:
                     return dict(rc=0, stdout="", stdout_lines=[], stderr="", stderr_lines=[])
             return super()._remote_chmod(paths, mode, sudoable)
+
+        # -- async jobs, mitogen_async_status, task isolation: see _async.py --
+        _msvc_run: t.Optional[t.Dict[str, t.Any]] = None
+
+        def _execute_module(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            return _async.execute_module(self, super()._execute_module, args, kwargs)
+
+        def _configure_module(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            configured = super()._configure_module(*args, **kwargs)
+            _async.check_configured(self, configured)
+            return configured
 
     Mixed.__name__ = base.__name__
     Mixed.__qualname__ = base.__qualname__

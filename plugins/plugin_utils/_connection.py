@@ -215,10 +215,13 @@ class AgentConnection(ConnectionBase):
         return None
 
     # -- modules -------------------------------------------------------------
-    def expect_module(self, interpreter: str | None, env: dict[str, str] | None) -> None:
+    def expect_module(self, interpreter: str | None, env: dict[str, str] | None,
+                      run: dict[str, t.Any] | None = None) -> None:
         """Called by the action mixin: the next exec_command() runs an
-        AnsiballZ wrapper with ``interpreter`` and task environment ``env``."""
-        self._module = None if interpreter is None else {"interpreter": interpreter, "env": env}
+        AnsiballZ wrapper with ``interpreter`` and task environment ``env``;
+        ``run``: an async job, an answer or an isolation (see _async.py)."""
+        self._module = (None if interpreter is None
+                        else {"interpreter": interpreter, "env": env, "run": run})
 
     def _agent_for(self, become: bool, python: str | None = None) -> int | None:
         """The agent that runs ``python`` (default: the login agent's) as
@@ -266,6 +269,10 @@ class AgentConnection(ConnectionBase):
                      become: bool) -> tuple[int, bytes, bytes] | None:
         interp = str(module["interpreter"])
         agent_id = self._agent_for(become, interp)
+        run = module.get("run") or {}
+        if "job" in run or "answer" in run:
+            from ansible_collections.mitogen.svc.plugins.plugin_utils import _async
+            return _async.exec_module(self, agent_id, interp, data, module)
         if agent_id is None:
             return None
         part = _payload.split(data)
@@ -273,10 +280,12 @@ class AgentConnection(ConnectionBase):
                      % (interp, agent_id, part.digest), host=self._describe_host())
         args = (part.head, part.tail, part.digest, module["env"] or {},
                 _payload.zygote_key(interp), _payload.PRELOAD)
+        opts = {"isolation": run["isolation"]} if run.get("isolation") else {}
         try:
-            res = self._call(agent_id, RUNNER_MODULE, "run_module", *args)
+            res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, **opts)
             if "missing" in res:
-                res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, blob=part.blob)
+                res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, blob=part.blob,
+                                 **opts)
         except CallError as exc:
             raise AnsibleError("failed to run a module on %s: %s"
                                % (self._describe_host(), exc)) from None

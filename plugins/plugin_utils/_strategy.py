@@ -66,10 +66,12 @@ def _install_action_hook() -> None:
     current = action_loader.get_with_context
     if getattr(current, "_mitogen_svc_hook", False):
         return
-    from ansible_collections.mitogen.svc.plugins.plugin_utils import _action
+    from ansible_collections.mitogen.svc.plugins.plugin_utils import _action, _async
 
     @functools.wraps(current)
     def get_with_context(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        if _switch["active"] and args:  # async_status -> mitogen_async_status
+            args = (_async.redirect(args[0], kwargs.get("connection")),) + args[1:]
         result = current(*args, **kwargs)
         if _switch["active"]:
             _action.mix_in(getattr(result, "object", None))

@@ -1,0 +1,238 @@
+"""Async tasks, mitogen_async_status and task isolation (issue 4) on real
+sshd targets: every playbook runs under vanilla ``linear`` and under
+``mitogen.svc.mitogen_linear`` and the captured results must be equal
+after :mod:`_compare` normalised them and :func:`scrub` removed what
+differs between any two runs of an async task:
+
+* job ids (random) wherever they appear, e.g. in ``results_file``;
+* ``attempts`` of ``until`` loops: how many polls a job needed depends on
+  how fast the poller is, and mitogen's polls come back sooner;
+* ``child_pid`` of a timeout record.
+
+Test-only, controller side. Playbooks: playbooks/async_*.yml, with the
+test module playbooks/library/msvc_async_probe.py and the test action
+playbooks/action_plugins/msvc_mux_counters.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compare import compact_diff, normalise_all  # noqa: E402
+from conftest import AnsibleEnv, Run, ansible_version, run_playbook  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+LINEAR = "linear"
+MITOGEN = "mitogen.svc.mitogen_linear"
+RUN_TIMEOUT = 400.0
+_JID = re.compile(r"\bj\d+\.\d+\b")
+#: Result keys that differ between two runs of the same async task.
+VOLATILE = frozenset({"attempts", "child_pid"})
+
+
+def scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        return _JID.sub("j<jid>", value)
+    return value
+
+
+def comparable(run: Run, skip: Iterable[str] = ()) -> List[Dict[str, Any]]:
+    skipped = set(skip)
+    return [scrub(e) for e in normalise_all(run.results) if e["task"] not in skipped]
+
+
+#: Job ids seen in this module's runs: their files are removed at the end.
+_JOBS_SEEN: Set[str] = set()
+#: Where the playbooks' jobs write (root's and msvc-bob's default async dir).
+ASYNC_DIRS = [Path("/root/.ansible_async"), Path("/home/msvc-bob/.ansible_async")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_job_files() -> Iterator[None]:
+    """Vanilla leaves the files of jobs nobody cleaned up; so do the
+    playbooks (like users do). Remove those of this module's runs."""
+    yield
+    for jid in _JOBS_SEEN:
+        for directory in ASYNC_DIRS:
+            for path in (directory / jid, directory / (jid + ".tmp")):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+
+def play(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
+         extra_vars: Optional[Dict[str, str]] = None, rc: int = 0) -> Run:
+    run = run_playbook(env, playbook, strategy, tag, extra_vars=extra_vars, timeout=RUN_TIMEOUT)
+    _JOBS_SEEN.update(_JID.findall(json.dumps(run.results)))
+    assert run.rc == rc, "%s under %s: rc=%s\nstdout:\n%s\nstderr:\n%s" % (
+        playbook, strategy, run.rc, run.proc.stdout[-6000:], run.proc.stderr[-4000:])
+    return run
+
+
+def assert_same(vanilla: List[Dict[str, Any]], ours: List[Dict[str, Any]]) -> None:
+    assert len(vanilla) == len(ours), "%d vs %d results: %s" % (
+        len(vanilla), len(ours), compact_diff([e["task"] for e in vanilla],
+                                              [e["task"] for e in ours]))
+    for a, b in zip(vanilla, ours):
+        assert a == b, "%s on %s differs:\n%s" % (a["task"], a["host"], compact_diff(a, b))
+
+
+def results_of(run: Run, task: str) -> Dict[str, Dict[str, Any]]:
+    """host -> result of ``task``."""
+    return {e["host"]: e["result"] for e in run.results if e["task"] == task}
+
+
+def test_async_basics_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    """poll 1; poll 0 then async_status until finished, cleanup and the
+    status after it; two jobs at once; loops; a custom async dir; junk
+    around the JSON; failing and raising modules; stderr kept; check mode;
+    become."""
+    vanilla = play(ansible_env, "async_basic.yml", LINEAR, "basic_linear")
+    ours = play(ansible_env, "async_basic.yml", MITOGEN, "basic_mitogen")
+    assert vanilla.stats == ours.stats
+    assert_same(comparable(vanilla), comparable(ours))
+    hosts = [h.name for h in testbed.hosts]
+    for host in hosts:
+        both = results_of(ours, "two jobs, wait")[host]["results"]
+        assert [r["stdout"] for r in both] == ["overlapped", "overlapped"]
+        assert results_of(ours, "become, poll 1")[host]["stdout"] == "msvc-bob"
+        assert results_of(ours, "poll 0 status after cleanup")[host]["msg"] == \
+            "could not find job"
+        assert results_of(ours, "custom async dir, the job file")[host]["msg"] == \
+            "True 0644 root"
+        assert results_of(ours, "junk around the JSON")[host]["warnings"] == [
+            "Module invocation had junk after the JSON data: junk after the JSON"]
+        assert results_of(ours, "stderr kept")[host]["stderr"] == "raw stderr of the probe\n"
+    # The poll task and async_status tasks keep their action name.
+    assert {e["action"] for e in ours.results if e["task"].startswith("poll 0 ")} == {
+        "shell", "async_status"}
+
+
+def test_timeouts_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    """A job past its limit: vanilla's record, its whole process group
+    killed. Output that is not JSON: vanilla's record, except ``cmd`` (no
+    module file exists to name) and ``msg`` (the traceback of the code that
+    found no JSON, async_wrapper's or ours)."""
+    vanilla = play(ansible_env, "async_timeout.yml", LINEAR, "timeout_linear")
+    ours = play(ansible_env, "async_timeout.yml", MITOGEN, "timeout_mitogen")
+    assert vanilla.stats == ours.stats
+    nojson = "output that is not JSON"
+    assert_same(comparable(vanilla, skip=[nojson]), comparable(ours, skip=[nojson]))
+    for host in (h.name for h in testbed.hosts):
+        a = results_of(vanilla, nojson)[host]
+        b = results_of(ours, nojson)[host]
+        assert scrub({k: v for k, v in a.items() if k not in ("cmd", "msg")}) == \
+            scrub({k: v for k, v in b.items() if k not in ("cmd", "msg")})
+        assert a["msg"].rstrip().endswith("ValueError: No start of json char found")
+        assert b["msg"].rstrip().endswith("ValueError: No start of json char found")
+        # 2.21 names the interpreter and the module file, earlier versions the file.
+        assert a["cmd"].endswith("/AnsiballZ_msvc_async_probe.py")
+        assert b["cmd"] == ("/usr/bin/python3 " if ansible_version() >= (2, 21) else "") + \
+            "AnsiballZ_msvc_async_probe.py"
+        assert results_of(ours, "timeout with poll 0, wait")[host]["msg"] == "Timeout exceeded"
+        assert results_of(ours, "timeout with a poll after the limit")[host]["msg"] == \
+            "Timeout exceeded"
+
+
+@pytest.mark.parametrize("first, second", [(LINEAR, LINEAR), (MITOGEN, MITOGEN),
+                                           (LINEAR, MITOGEN), (MITOGEN, LINEAR)],
+                         ids=["vanilla-vanilla", "mitogen-mitogen", "vanilla-mitogen",
+                              "mitogen-vanilla"])
+def test_job_collected_by_a_later_run(ansible_env: AnsibleEnv, testbed: Any, first: str,
+                                      second: str, baseline: Dict[str, Any]) -> None:
+    """A job started with poll 0 in one ansible-playbook run (which ends,
+    and with it the mux and the agents) is collected in a second run by
+    async_status and mitogen_async_status, then cleaned up. Either run may
+    be vanilla's: the job file is the same."""
+    state = ansible_env.root / ("state-%s-%s" % (first.split(".")[-1], second.split(".")[-1]))
+    state.mkdir(exist_ok=True)
+    extra = {"state_dir": str(state)}
+    play(ansible_env, "async_run1.yml", first, "run1", extra_vars=extra)
+    run = play(ansible_env, "async_run2.yml", second, "run2", extra_vars=extra)
+    if (first, second) == (LINEAR, LINEAR):
+        baseline["run2"] = run
+        for result in results_of(run, "async_status of an earlier job").values():
+            assert result["stdout"] == "from an earlier run"
+        return
+    if "run2" not in baseline:
+        pytest.skip("the vanilla-vanilla case did not run first")
+    assert baseline["run2"].stats == run.stats
+    assert_same(comparable(baseline["run2"]), comparable(run))
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Dict[str, Any]:
+    """Results shared by the parametrized cases of one test."""
+    return {}
+
+
+def test_job_outlives_reset_and_its_agent(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    """A job started before ``meta: reset_connection`` finishes and is
+    collected; under mitogen the agent that started the second job is
+    killed (SIGKILL) while it runs: the job completes, writes its file, and
+    async_status reads it from the target (no result could be pushed)."""
+    vanilla = play(ansible_env, "async_lifetime.yml", LINEAR, "lifetime_linear")
+    ours = play(ansible_env, "async_lifetime.yml", MITOGEN, "lifetime_mitogen",
+                extra_vars={"kill_agent": "true"})
+    kill_tasks = ["the agent's pid (the parent of a raw command's shell)", "it is an agent",
+                  "kill the agent"]
+    assert_same(comparable(vanilla, skip=kill_tasks), comparable(ours, skip=kill_tasks))
+    for host in (h.name for h in testbed.hosts):
+        assert results_of(ours, "it is an agent")[host]["stdout"] == "1"
+        assert results_of(ours, "kill the agent")[host]["rc"] == 0
+        assert results_of(ours, "wait for the job")[host]["stdout"] == "survived"
+        assert results_of(ours, "what the job file says")[host]["msg"] == "survived"
+        assert results_of(ours, "wait for the job started before the reset")[host][
+            "stdout"] == "after reset"
+
+
+def test_polls_after_the_push_send_nothing_to_the_target(ansible_env: AnsibleEnv,
+                                                         testbed: Any) -> None:
+    """Once a job's result was pushed to the mux, an async_status poll sends
+    zero messages to the target (the mux's counters of each agent stream
+    do not move over five polls); ``mode: cleanup`` does reach it."""
+    run = play(ansible_env, "async_counters.yml", MITOGEN, "counters")
+    for host in testbed.hosts:
+        name = "ssh.%s" % host.address
+
+        def sent(task: str) -> int:
+            counters = results_of(run, task)[host.name]["counters"]
+            return int(next(c for c in counters if c["name"] == name)["messages_out"])
+
+        before, after = sent("counters before"), sent("counters after")
+        assert after - before == 0, "%d messages to %s in 5 polls" % (after - before, name)
+        assert sent("counters after cleanup") > after
+        polls = results_of(run, "poll five times")[host.name]["results"]
+        assert [p["finished"] for p in polls] == [True] * 5
+        assert {p["stdout"] for p in polls} == {"counted"}
+
+
+def test_task_isolation(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    """``mitogen_task_isolation: fork`` runs the module in a fresh child of
+    a process forked from the virgin parent for that task alone; by default
+    every task's module runs in a fresh child of the one warm zygote."""
+    ours = play(ansible_env, "async_isolation.yml", MITOGEN, "isolation_mitogen")
+    vanilla = play(ansible_env, "async_isolation.yml", LINEAR, "isolation_linear")
+    same = ["fork, a module result"]
+    assert_same([e for e in comparable(vanilla) if e["task"] in same],
+                [e for e in comparable(ours) if e["task"] in same])
+    for host in (h.name for h in testbed.hosts):
+        # stdout: the module process's parent, then the module process.
+        parents = {task: results_of(ours, task)[host]["stdout_lines"][0]
+                   for task in ("zygote, first", "zygote, second", "fork, first",
+                                "fork, second")}
+        assert parents["zygote, first"] == parents["zygote, second"]
+        assert len({parents["zygote, first"], parents["fork, first"],
+                    parents["fork, second"]}) == 3
