@@ -65,6 +65,8 @@ READY = b"MSVC-MUX-READY "
 SOCKET_NAME = "mux.sock"
 TARGET_MODULE = "ansible_mitogen_svc.target"
 RUNNER_MODULE = "ansible_mitogen_svc.runner"
+#: Seconds an ssh agent start may take beyond ssh's own ConnectTimeout.
+SSH_BOOTSTRAP_ALLOWANCE = 20.0
 ASYNCJOB_MODULE = "ansible_mitogen_svc.asyncjob"
 #: Modules every agent the mux starts gets beyond the runtime.
 AGENT_MODULES = [TARGET_MODULE, RUNNER_MODULE, ASYNCJOB_MODULE]
@@ -334,11 +336,15 @@ class ConnectionService(DeduplicatingService):
             return connect.local(self.router, python=spec.get("python") or sys.executable,
                                  name="local", extra_modules=AGENT_MODULES, timeout=timeout)
         if kind == "ssh":
+            # ``timeout`` is ssh's ConnectTimeout: let ssh report its own
+            # failure ("Connection timed out during banner exchange"), and
+            # give the bootstrap after the login time of its own.
             return connect.ssh(self.router, str(spec["host"]), ssh_args=list(spec["ssh_args"]),
                                python=str(spec.get("python") or "python3"),
                                password=spec.get("password"),
                                name="ssh.%s" % spec["host"], extra_modules=AGENT_MODULES,
-                               timeout=timeout, ssh_path=str(spec.get("ssh_path") or "ssh"))
+                               timeout=timeout + SSH_BOOTSTRAP_ALLOWANCE,
+                               ssh_path=str(spec.get("ssh_path") or "ssh"))
         raise ValueError("unknown route kind %r" % (kind,))
 
 

@@ -357,9 +357,14 @@ def _reap(status: Dict[int, int]) -> None:
             os.close(fd)
 
 
+# The zip the zygote imported its preloaded modules from.
+_preloaded_from: Dict[str, str] = {}
+
+
 def _preload(zip_path: str, names: List[str]) -> None:
     if not zip_path:
         return
+    _preloaded_from["zip"] = zip_path
     import importlib
     sys.path.insert(0, zip_path)
     try:
@@ -425,10 +430,16 @@ def _prepare(req: Dict[str, Any]) -> None:
     sys.argv = [""]
     zip_path = req.get("zip")
     if zip_path:
-        for name, mod in list(sys.modules.items()):
-            path = getattr(mod, "__path__", None)
-            if (name == "ansible" or name.startswith("ansible.")) and isinstance(path, list):
-                mod.__path__ = [os.path.join(str(zip_path), *name.split("."))] + path
+        _rebase(str(zip_path), paths_only=True)
+    loader = sys.modules.get("ansible.module_utils._internal._ansiballz._loader")
+    original = getattr(loader, "run_module", None)
+    if original is not None:
+        def run_module(*args: Any, **kwargs: Any) -> Any:
+            modlib = kwargs.get("modlib_path")
+            if isinstance(modlib, str):
+                _rebase(modlib)
+            return original(*args, **kwargs)
+        setattr(loader, "run_module", run_module)
     for name in ("stdout", "stderr"):
         old = getattr(sys, name)
         new = open(1 if name == "stdout" else 2, "w", encoding=old.encoding, errors=old.errors,
@@ -437,6 +448,30 @@ def _prepare(req: Dict[str, Any]) -> None:
         setattr(sys, "__%s__" % name, new)
     sys.stdin = open(0, "r", closefd=False)
     setattr(sys, "__stdin__", sys.stdin)
+
+
+def _rebase(zip_path: str, paths_only: bool = False) -> None:
+    """Make the preloaded ``ansible`` packages look imported from
+    ``zip_path`` (the task's zip) rather than the zygote's: their package
+    ``__path__`` lists it first (submodules only the task's zip has), and
+    unless ``paths_only``, every path-valued global that pointed into the
+    zygote's zip (``__file__``, constants such as the deprecator's base path)
+    points into ``zip_path``, as if this process had imported them there."""
+    import pathlib
+    old = _preloaded_from.get("zip")
+    for name, mod in list(sys.modules.items()):
+        if not (name == "ansible" or name.startswith("ansible.")):
+            continue
+        path = getattr(mod, "__path__", None)
+        if isinstance(path, list):
+            mod.__path__ = [os.path.join(zip_path, *name.split("."))] + path
+        if paths_only or not old:
+            continue
+        for key, value in list(vars(mod).items()):
+            if isinstance(value, str) and value.startswith(old):
+                setattr(mod, key, zip_path + value[len(old):])
+            elif isinstance(value, pathlib.PurePath) and str(value).startswith(old):
+                setattr(mod, key, type(value)(zip_path + str(value)[len(old):]))
 
 
 def _execute(source: bytes) -> int:

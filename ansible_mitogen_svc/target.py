@@ -103,19 +103,21 @@ def _run_on_pty(argv: List[str], in_data: Optional[bytes]) -> Dict[str, Any]:
     return {"rc": proc.wait(), "stdout": bytes(out), "stderr": b""}
 
 
-def write_file(path: str, data: bytes) -> int:
-    """Create or truncate ``path`` (mode 0666 & ~umask, like sftp) and
-    write ``data``; returns the byte count."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+def write_file(path: str, data: bytes, mode: int = 0o666) -> int:
+    """Create or truncate ``path`` and write ``data``; returns the byte
+    count. A new file gets ``mode & ~umask``, as sftp gives it the mode of
+    the file it copies."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fp:
         fp.write(data)
     return len(data)
 
 
-def pull_file(source: str, path: str, timeout: float = 300.0) -> int:
+def pull_file(source: str, path: str, timeout: float = 300.0, mode: int = 0o666) -> int:
     """Stream ``source`` (registered with the FileService of our parent,
-    the mux) into ``path``; returns its size."""
+    the mux) into ``path`` (created with ``mode & ~umask``); returns its size."""
     from .files import get_file
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
     from .service import current_call
     parent = current_call().parent
     if parent is None:

@@ -116,10 +116,10 @@ def _mixed_class(base: type) -> type:
             conn = self._connection
             if tmp_path is None and conn._shell.tmpdir:
                 tmp_path = conn._shell.tmpdir
+            if not (force or self._should_remove_tmp_path(tmp_path)):
+                return  # before connecting: most tasks have nothing to remove
             if not conn.agent_ready():
                 return super()._remove_tmp_path(tmp_path, force)
-            if not (force or self._should_remove_tmp_path(tmp_path)):
-                return
             try:
                 conn.rpc("remove_tree", tmp_path)
             except AnsibleError as exc:

@@ -59,7 +59,9 @@ def prompt_regex(become: t.Any) -> str:
     if isinstance(prompt, bytes):
         prompt = to_text(prompt)
     if isinstance(prompt, str) and prompt.strip():
-        return re.escape(prompt.strip()) + r"\s*$"
+        # BecomeBase.check_password_prompt() looks for the prompt anywhere
+        # in the output: some plugins set only its first bytes ("doas (").
+        return re.escape(prompt.strip()) + r"[^\n]*$"
     return GENERIC_PROMPT
 
 

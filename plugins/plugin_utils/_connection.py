@@ -103,7 +103,7 @@ class AgentConnection(ConnectionBase):
         if self._connected and (self._agent_id is not None or self._fallback is not None):
             return self
         spec = self._route_spec()
-        timeout = float(spec.get("timeout") or 30) + 30.0
+        timeout = float(spec.get("timeout") or 30) + 60.0
         try:
             self._client = _mux.client()
             reply = self._client.connection_call("get", timeout, spec=spec)
@@ -363,15 +363,17 @@ class AgentConnection(ConnectionBase):
         b_in = to_bytes(in_path, errors="surrogate_or_strict")
         if not os.path.exists(b_in):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
+        st = os.stat(b_in)
+        mode = st.st_mode & 0o777  # what sftp gives the new file (less umask)
         try:
-            if os.path.getsize(b_in) <= INLINE_FILE_LIMIT:
+            if st.st_size <= INLINE_FILE_LIMIT:
                 with open(b_in, "rb") as fp:
-                    self._target("write_file", out_path, fp.read())
+                    self._target("write_file", out_path, fp.read(), mode)
             else:
                 assert self._client is not None
                 real = self._client.connection_call("register_file", 60.0,
                                                     path=os.path.abspath(in_path))
-                self._target("pull_file", real, out_path)
+                self._target("pull_file", real, out_path, 300.0, mode)
         except CallError as exc:
             raise AnsibleError("failed to transfer file to %s: %s" % (out_path, exc)) from None
 

@@ -3,21 +3,31 @@ collection, an inventory and a runner for ansible-playbook.
 
 Test-only, controller side.
 
-* ``testbed`` (module): two sshd hosts from tests/lib/testbed.py.
+* ``testbed`` (module): sshd hosts from tests/lib/testbed.py, ``HOSTS`` of
+  them unless the test module sets ``TESTBED_HOSTS``, in a private
+  directory under /tmp (removed afterwards).
 * ``ansible_env`` (module): a temporary ``ANSIBLE_COLLECTIONS_PATH`` holding
   ``ansible_collections/mitogen/svc`` -> this repository, an inventory of
   the testbed hosts (root, /usr/bin/python3) and a private ``ANSIBLE_HOME``.
-* :func:`run_playbook` runs ``ansible-playbook`` from the test venv with the
-  ``msvc_capture`` callback and returns the captured results.
+  :class:`AnsibleEnv` takes extra inventory text for modules that need more
+  hosts or groups (see test_scenarios.py).
+* :func:`run_playbook` runs ``ansible-playbook`` (one or several playbooks,
+  extra command line arguments) from the test venv with the ``msvc_capture``
+  callback and returns the captured results.
+* :func:`ansible_version` is the ansible-core version of ``ANSIBLE_BIN``.
+* The ``smoke`` marker selects the subset CI runs on older ansible-core.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 
@@ -28,6 +38,24 @@ PLAYBOOKS = HERE / "playbooks"
 HOSTS = 2
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "smoke: the small Ansible subset CI also runs on older ansible-core")
+
+
+@functools.lru_cache(maxsize=None)
+def ansible_version() -> Tuple[int, ...]:
+    """(major, minor, patch) of the ansible-core next to ``ANSIBLE_BIN``."""
+    proc = subprocess.run([str(ANSIBLE_BIN / "python"), "-c",
+                           "import ansible.release as r; print(r.__version__)"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    parts = []
+    for piece in proc.stdout.strip().split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def ansible_available() -> Optional[str]:
     if not (ANSIBLE_BIN / "ansible-playbook").exists():
         return "no ansible-playbook in %s" % ANSIBLE_BIN
@@ -35,7 +63,7 @@ def ansible_available() -> Optional[str]:
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory: pytest.TempPathFactory, leak_exemptions: Any) -> Iterator[Any]:
+def testbed(request: pytest.FixtureRequest, leak_exemptions: Any) -> Iterator[Any]:
     why = ansible_available()
     if why:
         pytest.skip(why)
@@ -43,24 +71,30 @@ def testbed(tmp_path_factory: pytest.TempPathFactory, leak_exemptions: Any) -> I
     ok, reason = Testbed.available()
     if not ok:
         pytest.skip("sshd testbed unavailable: %s" % reason)
-    tb = Testbed(tmp_path_factory.mktemp("ansible-testbed"), count=HOSTS)
+    count = getattr(request.module, "TESTBED_HOSTS", HOSTS)
+    # Not under pytest's basetemp: every pytest session resets
+    # /tmp/pytest-of-root to 0700, which would lock msvc-alice and msvc-bob
+    # out of their authorized_keys while another session starts.
+    workdir = Path(tempfile.mkdtemp(prefix="msvc-ansible-testbed-"))
+    tb = Testbed(workdir, count=count)
     try:
-        tb.start()
-    except (TestbedError, OSError) as exc:
-        pytest.skip("sshd testbed cannot run: %s" % exc)
-    for host in tb.hosts:
-        for pid in host.process_tree():
-            leak_exemptions.add_process(pid)
-    try:
+        try:
+            tb.start()
+        except (TestbedError, OSError) as exc:
+            pytest.skip("sshd testbed cannot run: %s" % exc)
+        for host in tb.hosts:
+            for pid in host.process_tree():
+                leak_exemptions.add_process(pid)
         yield tb
     finally:
         tb.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class AnsibleEnv:
     """Where the collection, inventory and Ansible state live for a module."""
 
-    def __init__(self, root: Path, testbed: Any) -> None:
+    def __init__(self, root: Path, testbed: Any, extra_inventory: str = "") -> None:
         self.root = root
         coll = root / "collections" / "ansible_collections" / "mitogen"
         coll.mkdir(parents=True)
@@ -71,16 +105,28 @@ class AnsibleEnv:
         self.inventory = root / "inventory.ini"
         lines = ["[targets]"]
         for host in testbed.hosts:
-            common = " ".join(["-o IdentitiesOnly=yes", "-o StrictHostKeyChecking=yes",
-                               "-o UserKnownHostsFile=%s" % host.known_hosts_path,
-                               "-o LogLevel=ERROR"])
-            lines.append("%s ansible_host=%s ansible_port=%d ansible_user=root "
-                         "ansible_ssh_private_key_file=%s ansible_ssh_common_args='%s' "
-                         "ansible_python_interpreter=/usr/bin/python3"
-                         % (host.name, host.address, host.port, host.key_path, common))
+            lines.append("%s %s" % (host.name, self.host_vars(host)))
         lines += ["", "[local]", "localhost ansible_connection=local "
                   "ansible_python_interpreter=%s" % sys.executable]
+        if extra_inventory:
+            lines += ["", extra_inventory.strip()]
         self.inventory.write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def common_args(host: Any) -> str:
+        """The ssh options every inventory entry of ``host`` uses."""
+        return " ".join(["-o IdentitiesOnly=yes", "-o StrictHostKeyChecking=yes",
+                         "-o UserKnownHostsFile=%s" % host.known_hosts_path,
+                         "-o LogLevel=ERROR"])
+
+    @classmethod
+    def host_vars(cls, host: Any, user: str = "root",
+                  python: str = "/usr/bin/python3") -> str:
+        """Inventory variables reaching testbed ``host`` as ``user``."""
+        return ("ansible_host=%s ansible_port=%d ansible_user=%s "
+                "ansible_ssh_private_key_file=%s ansible_ssh_common_args='%s' "
+                "ansible_python_interpreter=%s"
+                % (host.address, host.port, user, host.key_path, cls.common_args(host), python))
 
     def env(self, strategy: str, capture: Path, extra: Optional[Dict[str, str]] = None
             ) -> Dict[str, str]:
@@ -121,13 +167,20 @@ class Run:
         self.stats = stats[-1]["stats"] if stats else None
 
 
-def run_playbook(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
-                 extra_vars: Optional[Dict[str, str]] = None, timeout: float = 120.0,
-                 extra_env: Optional[Dict[str, str]] = None) -> Run:
-    capture = env.root / ("%s.%s.jsonl" % (Path(playbook).stem, tag))
+def run_playbook(env: AnsibleEnv, playbook: Union[str, Path, Sequence[Union[str, Path]]],
+                 strategy: str, tag: str, extra_vars: Optional[Dict[str, str]] = None,
+                 timeout: float = 120.0, extra_env: Optional[Dict[str, str]] = None,
+                 args: Sequence[str] = ()) -> Run:
+    """Run ``playbook`` (a name under playbooks/, an absolute path, or a list
+    of them: one ansible-playbook process runs them in order) with
+    ``strategy`` as the default strategy and extra command line ``args``."""
+    books = [playbook] if isinstance(playbook, (str, Path)) else list(playbook)
+    stem = Path(books[0]).stem if len(books) == 1 else "multi"
+    capture = env.root / ("%s.%s.jsonl" % (stem, tag))
     if capture.exists():
         capture.unlink()
-    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / playbook)]
+    argv = [str(ANSIBLE_BIN / "ansible-playbook")] + [str(PLAYBOOKS / b) for b in books]
+    argv += list(args)
     for k, v in (extra_vars or {}).items():
         argv += ["-e", "%s=%s" % (k, v)]
     proc = subprocess.run(argv, env=env.env(strategy, capture, extra_env), cwd=str(env.root),
