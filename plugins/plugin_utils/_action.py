@@ -98,6 +98,9 @@ def _mixed_class(base: type) -> type:
 
         def _make_tmp_path(self, remote_user: t.Optional[str] = None) -> str:
             conn = self._connection
+            made, self._msvc_tmpdir_made = self._msvc_tmpdir_made, None
+            if made is not None and conn._shell.tmpdir == made:
+                return made  # made early for this module (see _msvc_early_tmpdir)
             name = getattr(conn._shell, "_generate_temp_dir_name", None)
             if (name is None or getattr(conn, "_remote_is_local", False)
                     or self._is_become_unprivileged() or not conn.agent_ready()):
@@ -147,7 +150,38 @@ def _mixed_class(base: type) -> type:
         def _configure_module(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
             configured = super()._configure_module(*args, **kwargs)
             _async.check_configured(self, configured)
+            self._msvc_early_tmpdir(configured, kwargs.get("module_args",
+                                                           args[1] if len(args) > 1 else None))
             return configured
+
+        # Modules always travel pipelined here, so vanilla's _execute_module
+        # skips the temporary directory it makes up front when pipelining
+        # is off. A module that is not new-style (binary, old-style,
+        # WANT_JSON) is copied to one anyway, and vanilla's arguments then
+        # name it in _ansible_tmpdir: make it now, as vanilla would have.
+        _msvc_tmpdir_made: t.Optional[str] = None
+
+        def _msvc_early_tmpdir(self, configured: t.Any, module_args: t.Any) -> None:
+            first = configured[0] if isinstance(configured, tuple) and configured else None
+            style = first if isinstance(first, str) else getattr(first, "module_style", None)
+            conn = self._connection
+            if (style in (None, "new") or not isinstance(module_args, dict)
+                    or conn._shell.tmpdir is not None or self._task.async_val
+                    or self._vanilla_pipelines()):
+                return
+            path = self._make_tmp_path()
+            self._msvc_tmpdir_made = path
+            if not self._is_become_unprivileged():
+                module_args["_ansible_tmpdir"] = path
+
+        def _vanilla_pipelines(self) -> bool:
+            """Would vanilla pipeline (so make no directory up front)?"""
+            try:
+                enabled = bool(self._connection.get_option("pipelining"))
+            except KeyError:
+                enabled = bool(getattr(self._play_context, "pipelining", False))
+            become = self._connection.become
+            return enabled and (become is None or bool(getattr(become, "pipelining", True)))
 
     Mixed.__name__ = base.__name__
     Mixed.__qualname__ = base.__qualname__
