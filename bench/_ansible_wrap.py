@@ -50,7 +50,8 @@ def _set_subreaper() -> None:
         raise OSError(err, "prctl(PR_SET_CHILD_SUBREAPER): %s" % os.strerror(err))
 
 
-def _ppids() -> Dict[int, int]:
+def proc_stats() -> Dict[int, Tuple[int, str, int, int]]:
+    """pid -> (ppid, state, own ticks, children's ticks) for every process."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -60,14 +61,15 @@ def _ppids() -> Dict[int, int]:
                 raw = fp.read().decode("ascii", "replace")
         except OSError:
             continue
-        out[int(entry)] = int(raw[raw.rindex(")") + 2:].split()[1])
+        f = raw[raw.rindex(")") + 2:].split()
+        out[int(entry)] = (int(f[1]), f[0], int(f[11]) + int(f[12]), int(f[13]) + int(f[14]))
     return out
 
 
 def descendants(root: int) -> List[int]:
     children: Dict[int, List[int]] = {}
-    for pid, ppid in _ppids().items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, info in proc_stats().items():
+        children.setdefault(info[0], []).append(pid)
     found, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):

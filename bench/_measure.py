@@ -120,3 +120,16 @@ def timed_command(argv: List[str], n: int) -> Dict[str, Any]:
                        stderr=subprocess.DEVNULL, check=True, timeout=60)
         samples.append((time.perf_counter() - t) * 1e3)
     return {"median_ms": median(samples), "all_ms": samples}
+
+
+def os_name() -> str:
+    """The distribution's name, for report headers."""
+    import platform
+    try:
+        with open("/etc/os-release") as fp:
+            for line in fp:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()

@@ -47,6 +47,7 @@ from _ansible_run import (BENCH_DIR, LABELS, REPO, TARGET_PYTHON, TESTS_LIB, Run
                           Workspace, ansible_version, collection_state, compare,
                           find_ansible_bin)
 from _ansible_target import TargetMeter  # noqa: E402
+from _measure import os_name  # noqa: E402
 
 PLAYBOOK = os.path.join(BENCH_DIR, "playbooks", "bench.yml")
 T0 = time.perf_counter()
@@ -73,17 +74,6 @@ class Params:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("signal %d" % signum)
-
-
-def os_name() -> str:
-    try:
-        with open("/etc/os-release") as fp:
-            for line in fp:
-                if line.startswith("PRETTY_NAME="):
-                    return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    return platform.platform()
 
 
 def target_python() -> str:

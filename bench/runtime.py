@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional
 # it is started (as a script, by the mitogen venv's python, with -m).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _measure import TARGET_PYTHON, TESTS_LIB, log, timed_command  # noqa: E402
+from _measure import TARGET_PYTHON, TESTS_LIB, log, os_name, timed_command  # noqa: E402
 from _mitogen import ensure_mitogen, mitogen_driver_main, run_mitogen_driver  # noqa: E402
 from _msvc import Msvc  # noqa: E402
 from _report import goals, header_text, report  # noqa: E402
@@ -81,17 +81,6 @@ def python_version(py: str) -> str:
         return r.stdout.strip() or "?"
     except OSError:
         return "missing"
-
-
-def os_name() -> str:
-    try:
-        with open("/etc/os-release") as fp:
-            for line in fp:
-                if line.startswith("PRETTY_NAME="):
-                    return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    return platform.platform()
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
