@@ -485,9 +485,11 @@ def _execute(source: bytes) -> int:
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)
-    except BaseException:
+    except BaseException as exc:
         import traceback
-        traceback.print_exc()
+        # As the interpreter prints it: from the program's frames, not ours.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        traceback.print_exception(type(exc), exc, tb)
         code = 1
     try:
         import atexit
