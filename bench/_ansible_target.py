@@ -25,21 +25,9 @@ import os
 import time
 from typing import Dict, Iterable, List, Tuple
 
-from _ansible_wrap import proc_stats  # noqa: E402  (bench/ is on sys.path)
+from _ansible_wrap import descendants, proc_stats  # noqa: E402  (bench/ is on sys.path)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _tree(procs: Dict[int, Tuple[int, str, int, int]], root: int) -> List[int]:
-    children: Dict[int, List[int]] = {}
-    for pid, info in procs.items():
-        children.setdefault(info[0], []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class TargetMeter:
@@ -57,7 +45,7 @@ class TargetMeter:
             if root not in procs:
                 continue
             ticks += procs[root][3]
-            tree = _tree(procs, root)
+            tree = descendants(root, procs)
             extra += max(0, len(tree) - 1)
             for pid in tree:
                 info = procs.get(pid)

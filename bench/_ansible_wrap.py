@@ -66,9 +66,11 @@ def proc_stats() -> Dict[int, Tuple[int, str, int, int]]:
     return out
 
 
-def descendants(root: int) -> List[int]:
+def descendants(root: int, procs: Optional[Dict[int, Tuple[int, str, int, int]]] = None
+                ) -> List[int]:
+    """Every process below ``root`` (in ``procs``, default: read /proc now)."""
     children: Dict[int, List[int]] = {}
-    for pid, info in proc_stats().items():
+    for pid, info in (procs if procs is not None else proc_stats()).items():
         children.setdefault(info[0], []).append(pid)
     found, todo = [], [root]
     while todo:

@@ -13,6 +13,8 @@ DOCUMENTATION = """
           user who started Ansible.
     version_added: 0.1.0
     author: mitogen.svc developers
+    extends_documentation_fragment:
+      - mitogen.svc.agent_connection
     options:
       pipelining:
         description: Send modules on stdin instead of copying them first, as for C(local).
@@ -27,18 +29,6 @@ DOCUMENTATION = """
           - name: ANSIBLE_PIPELINING
         vars:
           - name: ansible_pipelining
-        version_added: 0.1.0
-      become_cap:
-        description:
-          - Most become agents (one per become user, method and settings) kept
-            below one login agent. Asking for one more stops the least recently
-            used one (and anything chained below it).
-        type: integer
-        default: 8
-        vars:
-          - name: ansible_mitogen_become_cap
-        env:
-          - name: ANSIBLE_MITOGEN_BECOME_CAP
         version_added: 0.1.0
 """
 

@@ -17,6 +17,8 @@ DOCUMENTATION = """
           from O(ssh_args) because the agent is the persistent connection.
     version_added: 0.1.0
     author: mitogen.svc developers
+    extends_documentation_fragment:
+      - mitogen.svc.agent_connection
     options:
       host:
         description: Hostname or address to connect to.
@@ -207,18 +209,6 @@ DOCUMENTATION = """
           - name: ansible_python_interpreter
         env:
           - name: ANSIBLE_MITOGEN_SSH_AGENT_PYTHON
-        version_added: 0.1.0
-      become_cap:
-        description:
-          - Most become agents (one per become user, method and settings) kept
-            below one login agent. Asking for one more stops the least recently
-            used one (and anything chained below it).
-        type: integer
-        default: 8
-        vars:
-          - name: ansible_mitogen_become_cap
-        env:
-          - name: ANSIBLE_MITOGEN_BECOME_CAP
         version_added: 0.1.0
 """
 
