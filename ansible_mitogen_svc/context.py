@@ -323,6 +323,18 @@ class Receiver:
     def ready(self) -> bool:
         return bool(self._queue)
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a message without taking
+        it; True when one is there."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def get_nowait(self) -> Message:
         """Raises WouldBlock when nothing has arrived."""
         with self._cond:
@@ -382,6 +394,11 @@ class PendingCall:
 
     def ready(self) -> bool:
         return self._done or self._receiver.ready()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the reply is there (without taking it); False when
+        it did not come within ``timeout`` seconds."""
+        return self._done or self._receiver.wait_ready(timeout)
 
     def _finish(self, msg: Message) -> Any:
         self._receiver.close()

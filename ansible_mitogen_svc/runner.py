@@ -87,6 +87,12 @@ class _Cache:
                 at_exit(lambda: shutil.rmtree(str(self._dir), ignore_errors=True))
             return self._dir
 
+    def code_directory(self) -> str:
+        """Where zygotes and task children keep compiled module code."""
+        path = os.path.join(self.directory(), "code")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
     def get(self, digest: str) -> Optional[bytes]:
         with self._lock:
             blob = self._blobs.get(digest)
@@ -130,6 +136,7 @@ class _Zygote:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.pid = server.fork({"entry": _ENTRY, "zip": zip_path, "preload": preload,
+                                    "code": _cache.code_directory(),
                                     "name": "isolated" if once else "zygote", "once": once},
                                    theirs.fileno())
         except BaseException:
@@ -293,7 +300,13 @@ def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
     ``cfg["once"]`` it serves one request, reports that child's status and
     returns (``mitogen_task_isolation: fork``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
+    _install_code_cache(str(cfg.get("code") or ""))
     _preload(str(cfg.get("zip") or ""), [str(n) for n in cfg.get("preload") or ()])
+    # Objects of the zygote are never collected in children: a collection
+    # there would write to every one of them, copying their pages.
+    import gc
+    gc.collect()
+    gc.freeze()
     once = bool(cfg.get("once"))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -359,6 +372,10 @@ def _reap(status: Dict[int, int]) -> None:
 
 # The zip the zygote imported its preloaded modules from.
 _preloaded_from: Dict[str, str] = {}
+#: Per preloaded ``ansible`` module (name, module, names of its globals that
+#: hold a path into the zygote's zip), computed once in the zygote so each
+#: task child does not walk every module's globals again.
+_preloaded: List[Tuple[str, Any, List[str]]] = []
 
 
 def _preload(zip_path: str, names: List[str]) -> None:
@@ -375,6 +392,65 @@ def _preload(zip_path: str, names: List[str]) -> None:
                 LOG.debug("zygote: cannot preload %s: %s", name, exc)
     finally:
         sys.path.remove(zip_path)
+    for name, mod in list(sys.modules.items()):
+        if name == "ansible" or name.startswith("ansible."):
+            _preloaded.append((name, mod, _path_globals(mod, zip_path)))
+
+
+def _path_globals(mod: Any, prefix: str) -> List[str]:
+    """Names of ``mod``'s globals whose value is a path under ``prefix``."""
+    import pathlib
+    return [key for key, value in list(vars(mod).items())
+            if (isinstance(value, str) and value.startswith(prefix))
+            or (isinstance(value, pathlib.PurePath) and str(value).startswith(prefix))]
+
+
+# -- compiled code cache (zygote and task children) -------------------------
+
+def _install_code_cache(directory: str) -> None:
+    """Make zipimport keep what it compiles in ``directory`` (private to
+    the agent's user), keyed by the SHA-1 of the source: a task child then
+    loads a module's code instead of compiling its source, which no child
+    can remember for the next one. Loaded code gets the file name the
+    source had this time, as if just compiled. No-op on a Python whose
+    zipimport has no ``_compile_source`` (3.8-3.13 have it)."""
+    import zipimport
+    original = getattr(zipimport, "_compile_source", None)
+    if original is None or not directory:
+        return
+    from importlib.util import MAGIC_NUMBER  # marshal's format is per Python version
+    suffix = "." + binascii.hexlify(MAGIC_NUMBER).decode()
+
+    def compile_source(pathname: str, source: bytes) -> Any:
+        import marshal
+        path = os.path.join(directory, hashlib.sha1(source).hexdigest() + suffix)
+        try:
+            with open(path, "rb") as fp:
+                code = marshal.loads(fp.read())
+            return _renamed(code, pathname)
+        except (OSError, ValueError, EOFError, TypeError):
+            pass
+        code = original(pathname, source)
+        if code is not None:
+            tmp = "%s.%d.tmp" % (path, os.getpid())
+            try:
+                with open(tmp, "wb") as fp:
+                    fp.write(marshal.dumps(code))
+                os.replace(tmp, path)
+            except OSError:
+                pass
+        return code
+
+    setattr(zipimport, "_compile_source", compile_source)
+
+
+def _renamed(code: Any, filename: str) -> Any:
+    """``code`` and its nested code objects with ``co_filename`` set."""
+    if code.co_filename == filename:
+        return code
+    consts = tuple(_renamed(c, filename) if isinstance(c, type(code)) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 def _task_child(req: Dict[str, Any], fds: List[int]) -> None:
@@ -459,15 +535,21 @@ def _rebase(zip_path: str, paths_only: bool = False) -> None:
     points into ``zip_path``, as if this process had imported them there."""
     import pathlib
     old = _preloaded_from.get("zip")
+    known = {name for name, _mod, _keys in _preloaded}
+    # Preloaded modules (their path globals listed once by the zygote),
+    # then those this task imported since.
+    entries = list(_preloaded)
     for name, mod in list(sys.modules.items()):
-        if not (name == "ansible" or name.startswith("ansible.")):
-            continue
+        if (name == "ansible" or name.startswith("ansible.")) and name not in known:
+            entries.append((name, mod, _path_globals(mod, old) if old else []))
+    for name, mod, keys in entries:
         path = getattr(mod, "__path__", None)
         if isinstance(path, list):
             mod.__path__ = [os.path.join(zip_path, *name.split("."))] + path
         if paths_only or not old:
             continue
-        for key, value in list(vars(mod).items()):
+        for key in keys:
+            value = getattr(mod, key, None)
             if isinstance(value, str) and value.startswith(old):
                 setattr(mod, key, zip_path + value[len(old):])
             elif isinstance(value, pathlib.PurePath) and str(value).startswith(old):

@@ -53,6 +53,9 @@ class AgentConnection(ConnectionBase):
     # Modules always travel in the command's input (what pipelining does):
     # the agent runs them without temp files, whatever ``pipelining`` says.
     always_pipeline_modules = True
+    #: Seconds is_pipelining_enabled() waits for a running agent's id
+    #: before it answers without it (see there).
+    _CONNECT_GRACE = 0.05
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,6 +63,8 @@ class AgentConnection(ConnectionBase):
         self._agent_executable: str | None = None
         self._client: _mux.Client | None = None
         self._fallback: ConnectionBase | None = None
+        # The mux's answer to "get", while it has not been collected.
+        self._pending: tuple[t.Any, float, dict[str, t.Any]] | None = None
         self._var_options: t.Any = None
         self._module: dict[str, t.Any] | None = None
         # build_become_command() output -> its input, for the last few calls.
@@ -99,14 +104,25 @@ class AgentConnection(ConnectionBase):
         return AnsibleConnectionFailure("Failed to connect to the host via %s: %s"
                                         % (self._transport_word, text))
 
+    def _start_connect(self) -> None:
+        """Ask the mux for our agent without waiting for the answer (the
+        mux starts it if need be); :meth:`_connect` collects it."""
+        if self._connected or self._pending is not None:
+            return
+        spec = self._route_spec()
+        timeout = float(spec.get("timeout") or 30) + 60.0
+        self._client = _mux.client()
+        self._pending = (self._client.connection_call_async("get", spec=spec), timeout, spec)
+
     def _connect(self) -> "AgentConnection":
         if self._connected and (self._agent_id is not None or self._fallback is not None):
             return self
-        spec = self._route_spec()
-        timeout = float(spec.get("timeout") or 30) + 60.0
         try:
-            self._client = _mux.client()
-            reply = self._client.connection_call("get", timeout, spec=spec)
+            self._start_connect()
+            assert self._pending is not None
+            pending, timeout, spec = self._pending
+            self._pending = None
+            reply = pending.get(timeout)
         except CallError as exc:
             if exc.type_name == _BOOTSTRAP_ERROR and _NO_PYTHON.search(exc.message):
                 fallback = self._vanilla_connection()
@@ -151,6 +167,27 @@ class AgentConnection(ConnectionBase):
                                            % (self._describe_host(), exc)) from None
 
     def is_pipelining_enabled(self, wrap_async: bool = False) -> bool:
+        # Modules always travel pipelined through an agent; the answer
+        # differs only when the target has no Python (the stock plugin then
+        # answers). Vanilla asks this before it builds the module: while
+        # an agent is still starting, answer without waiting for it when
+        # the stock plugin would answer the same, so the module is built
+        # while the agent starts.
+        try:
+            self._start_connect()
+        except Exception:
+            pass  # _connect() reports it
+        pending = self._pending[0] if self._pending is not None else None
+        if (pending is not None and self._fallback is None
+                and not pending.wait_ready(self._CONNECT_GRACE)):
+            ours = bool(super().is_pipelining_enabled(wrap_async))
+            try:
+                stock = self._vanilla_connection()
+                same = stock is None or bool(stock.is_pipelining_enabled(wrap_async)) == ours
+            except Exception:
+                same = False
+            if same:
+                return ours
         try:
             self._connect()
         except AnsibleError:
@@ -399,6 +436,7 @@ class AgentConnection(ConnectionBase):
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None
+        self._pending = None
         self._agent_id = None
         self._connected = False
 

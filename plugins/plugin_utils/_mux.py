@@ -46,13 +46,16 @@ _state: dict[str, t.Any] = {"mux": None, "client": None}
 _lock = threading.Lock()
 
 
-def _start_mux() -> _MuxProcess:
+def _spawn_mux() -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_COLLECTION_ROOT, env.get("PYTHONPATH")) if p)
     code = "from ansible_mitogen_svc.mux import main; main()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
                             env=env)
+
+
+def _await_mux(proc: subprocess.Popen) -> _MuxProcess:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     proc.stdout.close()
@@ -66,14 +69,30 @@ def _start_mux() -> _MuxProcess:
     return _MuxProcess(proc, line[len(_mux_mod.READY):].strip().decode())
 
 
+def _running() -> bool:
+    mux = _state["mux"]
+    return mux is not None and mux.owner_pid == os.getpid() and mux.proc.poll() is None
+
+
+def start_mux() -> None:
+    """Start the mux if this process has none, without waiting for it to
+    be ready (:func:`ensure_mux` waits): its start-up overlaps with the
+    caller's own work."""
+    with _lock:
+        starting = _state.get("starting")
+        if not _running() and (starting is None or starting[0] != os.getpid()):
+            _state["starting"] = (os.getpid(), _spawn_mux())
+
+
 def ensure_mux() -> str:
     """Start the mux if this process has none running; returns its socket
     path. Raises MuxStartError."""
     with _lock:
-        mux = _state["mux"]
-        if mux is None or mux.owner_pid != os.getpid() or mux.proc.poll() is not None:
-            mux = _state["mux"] = _start_mux()
-        return mux.path
+        if not _running():
+            starting = _state.pop("starting", None)
+            proc = starting[1] if starting and starting[0] == os.getpid() else _spawn_mux()
+            _state["mux"] = _await_mux(proc)
+        return t.cast(str, _state["mux"].path)
 
 
 def mux_path() -> str | None:
@@ -93,8 +112,11 @@ class Client:
         self.pid = os.getpid()
 
     def connection_call(self, method: str, timeout: float, **kwargs: t.Any) -> t.Any:
-        return self.service_ctx.call_service_async(CONNECTION_SERVICE, method,
-                                                   **kwargs).get(timeout)
+        return self.connection_call_async(method, **kwargs).get(timeout)
+
+    def connection_call_async(self, method: str, **kwargs: t.Any) -> t.Any:
+        """Send the call; returns its PendingCall."""
+        return self.service_ctx.call_service_async(CONNECTION_SERVICE, method, **kwargs)
 
     def target_call(self, agent_id: int, function: str, *args: t.Any,
                     timeout: float = 3600.0, **kwargs: t.Any) -> t.Any:

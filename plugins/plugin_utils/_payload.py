@@ -29,6 +29,11 @@ WRAPPER_MARK = b"_ANSIBALLZ_WRAPPER = True"
 PRELOAD = [
     "ansible.module_utils.basic",
     "ansible.module_utils._internal._ansiballz._loader",  # 2.19+
+    # Imported by every module run (2.19+: the serialization profiles).
+    "ansible.modules",
+    "ansible.module_utils.common.sentinel",
+    "ansible.module_utils._internal._json._profiles._module_legacy_m2c",
+    "ansible.module_utils._internal._json._profiles._module_legacy_c2m",
 ]
 
 

@@ -16,7 +16,9 @@ playbooks/action_plugins/msvc_mux_counters.py.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
@@ -73,10 +75,11 @@ def remove_job_files() -> Iterator[None]:
 
 
 def play(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
-         extra_vars: Optional[Dict[str, str]] = None, rc: int = 0) -> Run:
+         extra_vars: Optional[Dict[str, str]] = None, rc: Optional[int] = 0) -> Run:
+    """Run ``playbook``; its exit status must be ``rc`` (None: any)."""
     run = run_playbook(env, playbook, strategy, tag, extra_vars=extra_vars, timeout=RUN_TIMEOUT)
     _JOBS_SEEN.update(_JID.findall(json.dumps(run.results)))
-    assert run.rc == rc, "%s under %s: rc=%s\nstdout:\n%s\nstderr:\n%s" % (
+    assert rc is None or run.rc == rc, "%s under %s: rc=%s\nstdout:\n%s\nstderr:\n%s" % (
         playbook, strategy, run.rc, run.proc.stdout[-6000:], run.proc.stderr[-4000:])
     return run
 
@@ -120,12 +123,34 @@ def test_async_basics_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> No
         "shell", "async_status"}
 
 
+def _kill_sleepers(pattern: "re.Pattern[str]") -> None:
+    """SIGKILL every process whose command line matches ``pattern``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as fp:
+                cmd = fp.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            if pattern.search(cmd):
+                os.kill(int(entry), signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def test_timeouts_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> None:
     """A job past its limit: vanilla's record, its whole process group
     killed. Output that is not JSON: vanilla's record, except ``cmd`` (no
     module file exists to name) and ``msg`` (the traceback of the code that
-    found no JSON, async_wrapper's or ours)."""
-    vanilla = play(ansible_env, "async_timeout.yml", LINEAR, "timeout_linear")
+    found no JSON, async_wrapper's or ours).
+
+    Under load, vanilla's async_wrapper sometimes misses the kill of a job
+    past its limit (its own race: the job's sleeper survives and the
+    playbook fails). Such a vanilla run is not the reference: its leftovers
+    are killed and vanilla runs once more."""
+    vanilla = play(ansible_env, "async_timeout.yml", LINEAR, "timeout_linear", rc=None)
+    if vanilla.rc != 0:
+        _kill_sleepers(re.compile(r"(^|[ /])sleep 40\.\d7$"))
+        vanilla = play(ansible_env, "async_timeout.yml", LINEAR, "timeout_linear_again")
     ours = play(ansible_env, "async_timeout.yml", MITOGEN, "timeout_mitogen")
     assert vanilla.stats == ours.stats
     nojson = "output that is not JSON"
