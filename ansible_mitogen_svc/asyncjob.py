@@ -93,8 +93,8 @@ _REAP_POLL = 0.02
 
 
 class JobSpec(collections.namedtuple(
-        "_JobSpec", "jid limit preserve remove_dir cmd bools blank_junk_warns push",
-        defaults=(False, None, "", True, False, ""))):
+        "_JobSpec", "jid limit preserve remove_dir cmd bools blank_junk_warns push path",
+        defaults=(False, None, "", True, False, "", ""))):
     """What the controller says about one job (sent as a dict).
 
     Attributes:
@@ -109,6 +109,9 @@ class JobSpec(collections.namedtuple(
         blank_junk_warns: blank lines after the JSON count as junk worth a
             warning (before 2.21); else only non-blank ones do.
         push: the JobResultService key to push the result to, or "".
+        path: the module file vanilla would have run (async_wrapper runs
+            ``python3 path``): the module runs as that file (``__file__``,
+            tracebacks), though nothing is written there; "" for stdin.
     """
 
     __slots__ = ()
@@ -343,7 +346,8 @@ class _Supervisor:
                 self.sock.close()
                 os.close(out_r)
                 os.close(err_r)
-                code = run_program({"env": self.env, "zip": self.zip}, self.program,
+                code = run_program({"env": self.env, "zip": self.zip, "path": self.spec.path},
+                                   self.program,
                                    out_w, err_w)
             finally:
                 os._exit(code)

@@ -487,7 +487,7 @@ def run_program(req: Dict[str, Any], program: bytes, out: int, err: int) -> int:
             os.dup2(src, dst)
             os.close(src)
     _prepare(req)
-    return _execute(program)
+    return _execute(program, str(req.get("path") or ""))
 
 
 def _prepare(req: Dict[str, Any]) -> None:
@@ -503,7 +503,7 @@ def _prepare(req: Dict[str, Any]) -> None:
             locale.setlocale(locale.LC_CTYPE, "")
         except locale.Error:
             pass
-    sys.argv = [""]
+    sys.argv = [str(req.get("path") or "")]
     zip_path = req.get("zip")
     if zip_path:
         _rebase(str(zip_path), paths_only=True)
@@ -556,14 +556,23 @@ def _rebase(zip_path: str, paths_only: bool = False) -> None:
                 setattr(mod, key, type(value)(zip_path + str(value)[len(old):]))
 
 
-def _execute(source: bytes) -> int:
+def _execute(source: bytes, path: str = "") -> int:
+    """Run ``source`` as ``python3`` would read it from stdin, or, given
+    ``path``, as ``python3 path`` would run that file: ``__file__`` and
+    tracebacks name it, with its source lines (from memory: nothing is
+    written there)."""
     import builtins
     import types
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
+    if path:
+        import linecache
+        main.__file__ = path
+        text = source.decode("utf-8", "replace")
+        linecache.cache[path] = (len(text), None, text.splitlines(True), path)
     sys.modules["__main__"] = main
     try:
-        exec(compile(source, "<stdin>", "exec"), main.__dict__)
+        exec(compile(source, path or "<stdin>", "exec"), main.__dict__)
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)

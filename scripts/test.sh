@@ -4,7 +4,7 @@
 # sudo agents), the collection build/install check and the Ansible
 # scenarios (vanilla linear against mitogen_linear) on the newest
 # ansible-core, then the smoke scenarios on the oldest supported lines
-# (2.18 and 2.19, with the system Python 3.11).
+# (2.18 and 2.19, with the system Python 3.11) with the async tests.
 #   scripts/test.sh                 everything
 #   scripts/test.sh [PYTEST-ARGS]   only pytest with these arguments (newest ansible-core)
 set -euo pipefail

@@ -71,7 +71,7 @@ BLANK_JUNK_WARNS = CORE < (2, 21)
 #: async_wrapper gets the module command as argv (2.21+), else as a string.
 ARGV_CMD = CORE >= (2, 21)
 #: The async_status module prints the job file's data as it is (2.19+);
-#: before, exit_json() adds fields of its own, so answers come from the target.
+#: before, exit_json() adds fields of its own (see _as_exit_json()).
 STATUS_AS_IS = CORE >= (2, 19)
 
 ISOLATION_VAR = "mitogen_task_isolation"
@@ -160,7 +160,8 @@ def _execute_job(action: t.Any, execute: t.Callable[..., t.Any], kwargs: t.Dict[
     else:
         preserve = bool(C.DEFAULT_KEEP_REMOTE_FILES)
     run.pop("isolation", None)  # a job always forks from the virgin parent
-    run["job"] = {"jid": "j%d" % secrets.randbelow(999999999999),
+    run["job"] = {"path": module_file(action, run),
+                  "jid": "j%d" % secrets.randbelow(999999999999),
                   "limit": int(action._task.async_val), "preserve": preserve,
                   "remove_dir": tmpdir if tmpdir and not preserve else None,
                   "bools": BOOL_RECORDS, "blank_junk_warns": BLANK_JUNK_WARNS}
@@ -186,6 +187,29 @@ def _execute_job(action: t.Any, execute: t.Callable[..., t.Any], kwargs: t.Dict[
     # What vanilla does after async_wrapper returned.
     result["changed"] = True
     return result
+
+
+def module_file(action: t.Any, run: t.Dict[str, t.Any]) -> str:
+    """Where vanilla puts the module of an async task for async_wrapper:
+    ``AnsiballZ_<module>.py`` in the task's temporary directory, or in the
+    one it would make (``remote_tmp``, expanded, then a fresh
+    ``ansible-tmp-...`` name). Nothing is written there: the job runs as
+    that file, so its records and tracebacks name what vanilla's do.
+    Without ``action``: the bare file name."""
+    leaf = "AnsiballZ_%s.py" % str(run.get("module") or "module").rpartition(".")[2]
+    if action is None:
+        return leaf
+    shell = action._connection._shell
+    base = shell.tmpdir
+    name = getattr(shell, "_generate_temp_dir_name", None)
+    if not base and name is not None:
+        remote_tmp = action.get_shell_option("remote_tmp", default="~/.ansible/tmp")
+        try:
+            root = action._remote_expand_user(remote_tmp, sudoable=False)
+        except AnsibleError:
+            root = remote_tmp
+        base = shell.join_path(root, name())
+    return str(shell.join_path(base, leaf)) if base else leaf
 
 
 def _execute_vanilla_async(action: t.Any, execute: t.Callable[..., t.Any],
@@ -241,9 +265,8 @@ def exec_module(conn: AgentConnection, agent_id: t.Optional[int], interpreter: s
     if agent_id is None:
         raise NotEligible("no agent runs %s" % interpreter)
     job = dict(run["job"])
-    leaf = str(run.get("module") or "module").rpartition(".")[2]
-    remote_name = "AnsiballZ_%s.py" % leaf
-    job["cmd"] = shlex.join([interpreter, remote_name]) if ARGV_CMD else remote_name
+    path = str(job.get("path") or module_file(None, run))
+    job["cmd"] = shlex.join([interpreter, path]) if ARGV_CMD else path
     client = conn._client
     assert client is not None
     if client.pool is None:  # a mux serves JobResultService: have the result pushed
@@ -284,11 +307,35 @@ def _answer(agent_id: t.Optional[int], known: t.Dict[str, t.Any]
         raise Mismatch("pushed job file is not an object")
     # The async_status module's reading of a job file.
     if "started" not in data:
-        data["finished"] = True
+        data["finished"] = True if STATUS_AS_IS else 1
         data["ansible_job_id"] = known["jid"]
     elif "finished" not in data:
-        data["finished"] = False
+        data["finished"] = False if STATUS_AS_IS else 0
+    if not STATUS_AS_IS:
+        _as_exit_json(data, known)
     return 0, ("\n%s\n" % json.dumps(data)).encode(), b""
+
+
+def _as_exit_json(data: t.Dict[str, t.Any], known: t.Dict[str, t.Any]) -> None:
+    """Before 2.19 the async_status module hands the job file's data to
+    ``exit_json()``, which adds the module's own ``invocation`` when the
+    data has none and re-issues its warnings. Mismatch for what it would
+    do on the target (``path``: stat it) or re-format (deprecations)."""
+    if "path" in data or "deprecations" in data:
+        raise Mismatch("exit_json() would stat a path or re-format deprecations")
+    warnings = data.get("warnings")
+    if warnings is not None:
+        warnings = [warnings] if isinstance(warnings, str) else warnings
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise Mismatch("warnings exit_json() would refuse")
+        if warnings:
+            data["warnings"] = warnings
+    if "invocation" not in data:
+        async_dir = os.path.dirname(str(known.get("path") or ""))
+        if not async_dir.startswith("/") or "$" in async_dir:
+            raise Mismatch("async dir %r would be expanded on the target" % async_dir)
+        data["invocation"] = {"module_args": {"jid": known["jid"], "mode": "status",
+                                              "_async_dir": async_dir}}
 
 
 # -- mitogen_async_status -------------------------------------------------------------
@@ -349,7 +396,7 @@ def run_status(action: t.Any, stock_run: t.Callable[..., t.Any], tmp: t.Any,
     target, and forgets the pushed result."""
     args = action._task.args or {}
     jid, mode = args.get("jid"), args.get("mode", "status")
-    if mode == "status" and STATUS_AS_IS:
+    if mode == "status":
         known = pushed_result(action._connection, jid)
         if known is not None and known.get("text") is not None:
             action._msvc_known = known

@@ -27,6 +27,8 @@ _SOURCE_TMP = re.compile(r"ansible-tmp-[0-9.\-_]+")
 #: The controller's per-process temp dir and the temp file or dir Ansible
 #: makes in it (copy content= "src", a rendered template's diff header).
 _LOCAL_TMP = re.compile(r"/ansible-local-[0-9]+[a-z0-9_]+(/tmp[a-z0-9_]{8}(?=/)|/\.[a-z0-9_]{8}\b)?")
+#: The target temp dir an AnsiballZ wrapper unpacks its zip to (tracebacks).
+_PAYLOAD_TMP = re.compile(r"/(ansible_[\w.]+_payload_)[a-z0-9_]{8}(?=/)")
 #: A backup file name: "<path>.<pid>.<date>@<time>~".
 _BACKUP = re.compile(r"\.[0-9]+\.[0-9]{4}-[0-9]{2}-[0-9]{2}@[0-9]{2}:[0-9]{2}:[0-9]{2}~")
 #: copy content= on ansible-core <= 2.19 reports the controller temp file's
@@ -43,6 +45,7 @@ def _scrub(value: Any) -> Any:
         return [_scrub(v) for v in value]
     if isinstance(value, str):
         value = _BACKUP.sub(".PID.DATE@TIME~", _LOCAL_TMP.sub("/ansible-local-X/TMP", value))
+        value = _PAYLOAD_TMP.sub(r"/\1X", value)
         return _SOURCE_TMP.sub("ansible-tmp-X", _TMP.sub("<tmp>", value))
     return value
 
