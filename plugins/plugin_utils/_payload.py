@@ -34,6 +34,10 @@ PRELOAD = [
     "ansible.module_utils.common.sentinel",
     "ansible.module_utils._internal._json._profiles._module_legacy_m2c",
     "ansible.module_utils._internal._json._profiles._module_legacy_c2m",
+    # Standard library the wrapper (and many modules) import every run.
+    "zipfile",
+    "encodings.cp437",
+    "glob",
 ]
 
 
