@@ -28,6 +28,8 @@ for spec in "2.20:$py312" "2.19:/usr/bin/python3" "2.18:/usr/bin/python3"; do
     fi
     old=$(bash scripts/venv.sh "core${line/./}" "$interp" -- -r requirements-test.txt \
           "ansible-core>=$line,<${line%.*}.$(( ${line#*.} + 1 ))")
-    echo "smoke scenarios and async tests on ansible-core $line: $("$old" --version)"
+    echo "smoke scenarios and async tests on ansible-core" \
+         "$("$old" -c 'import ansible.release as r; print(r.__version__)')" \
+         "($("$old" --version))"
     MSVC_ANSIBLE_BIN=$(dirname "$old") "$py" -m pytest -m smoke tests/integration/ansible
 done
