@@ -46,7 +46,7 @@ import socket
 import sys
 import tempfile
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import BrokenError
 from .forkserver import recv_packet, send_packet
@@ -86,12 +86,6 @@ class _Cache:
                 from .agent import at_exit
                 at_exit(lambda: shutil.rmtree(str(self._dir), ignore_errors=True))
             return self._dir
-
-    def code_directory(self) -> str:
-        """Where zygotes and task children keep compiled module code."""
-        path = os.path.join(self.directory(), "code")
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        return path
 
     def get(self, digest: str) -> Optional[bytes]:
         with self._lock:
@@ -136,7 +130,6 @@ class _Zygote:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.pid = server.fork({"entry": _ENTRY, "zip": zip_path, "preload": preload,
-                                    "code": _cache.code_directory(),
                                     "name": "isolated" if once else "zygote", "once": once},
                                    theirs.fileno())
         except BaseException:
@@ -302,7 +295,7 @@ def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
     ``cfg["once"]`` it serves one request, reports that child's status and
     returns (``mitogen_task_isolation: fork``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
-    _install_code_cache(str(cfg.get("code") or ""))
+    _install_code_cache()
     _preload(str(cfg.get("zip") or ""), [str(n) for n in cfg.get("preload") or ()])
     # Objects of the zygote are never collected in children: a collection
     # there would write to every one of them, copying their pages.
@@ -335,6 +328,8 @@ def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
             return
         if req is None:
             return
+        if not once and isinstance(req, dict):
+            _precompile(str(req.get("zip") or ""))
         if not isinstance(req, dict) or len(fds) != 4:
             for x in fds:
                 os.close(x)
@@ -409,41 +404,69 @@ def _path_globals(mod: Any, prefix: str) -> List[str]:
 
 # -- compiled code cache (zygote and task children) -------------------------
 
-def _install_code_cache(directory: str) -> None:
-    """Make zipimport keep what it compiles in ``directory`` (private to
-    the agent's user), keyed by the SHA-1 of the source: a task child then
-    loads a module's code instead of compiling its source, which no child
-    can remember for the next one. Loaded code gets the file name the
-    source had this time, as if just compiled. No-op on a Python whose
-    zipimport has no ``_compile_source`` (3.8-3.13 have it)."""
+#: Code objects by SHA-1 of their source: what the zygote compiled from the
+#: module zips it was given (:func:`_precompile`); its children inherit it.
+_codes: Dict[str, Any] = {}
+#: Zips already compiled, and how many sources the zygote keeps at most.
+_precompiled: Set[str] = set()
+CODE_LIMIT = 4096
+#: In a task child: sources zipimport took from ``_codes`` (tests read it).
+_code_hits = [0]
+
+
+def _install_code_cache() -> None:
+    """Make zipimport take code the zygote compiled (:data:`_codes`, keyed
+    by the SHA-1 of the source) instead of compiling the source again in
+    every task child, which cannot pass what it compiled on to the next
+    one. The code gets the file name the source has this time, as if just
+    compiled. No-op on a Python whose zipimport has no ``_compile_source``
+    (3.8-3.13 have it)."""
     import zipimport
     original = getattr(zipimport, "_compile_source", None)
-    if original is None or not directory:
+    if original is None:
         return
-    from importlib.util import MAGIC_NUMBER  # marshal's format is per Python version
-    suffix = "." + binascii.hexlify(MAGIC_NUMBER).decode()
+    _codes_compile[0] = original
 
     def compile_source(pathname: str, source: bytes) -> Any:
-        import marshal
-        path = os.path.join(directory, hashlib.sha1(source).hexdigest() + suffix)
-        try:
-            with open(path, "rb") as fp:
-                code = marshal.loads(fp.read())
-            return _renamed(code, pathname)
-        except (OSError, ValueError, EOFError, TypeError):
-            pass
-        code = original(pathname, source)
-        if code is not None:
-            tmp = "%s.%d.tmp" % (path, os.getpid())
-            try:
-                with open(tmp, "wb") as fp:
-                    fp.write(marshal.dumps(code))
-                os.replace(tmp, path)
-            except OSError:
-                pass
-        return code
+        code = _codes.get(hashlib.sha1(source).hexdigest())
+        if code is None:
+            return original(pathname, source)
+        _code_hits[0] += 1
+        return _renamed(code, pathname)
 
     setattr(zipimport, "_compile_source", compile_source)
+
+
+#: zipimport's own compile function, once the cache is installed.
+_codes_compile: List[Any] = [None]
+
+
+def _precompile(zip_path: str) -> None:
+    """In the zygote, before it forks a task child for ``zip_path``: compile
+    the zip's Python sources that no child can have imported already (not
+    preloaded), once per zip and source. Sources that do not compile are
+    left to the child, which fails on them as vanilla would."""
+    compile_source = _codes_compile[0]
+    if (compile_source is None or not zip_path or zip_path in _precompiled
+            or len(_codes) >= CODE_LIMIT):
+        return
+    _precompiled.add(zip_path)
+    import zipfile
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for name in zf.namelist():
+                module = name[:-3].replace("/", ".")
+                if not name.endswith(".py") or module.replace(".__init__", "") in sys.modules:
+                    continue
+                source = zf.read(name)
+                key = hashlib.sha1(source).hexdigest()
+                if key not in _codes and len(_codes) < CODE_LIMIT:
+                    try:
+                        _codes[key] = compile_source(os.path.join(zip_path, name), source)
+                    except (SyntaxError, ValueError):
+                        pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        LOG.debug("zygote: cannot precompile %s: %s", zip_path, exc)
 
 
 def _renamed(code: Any, filename: str) -> Any:
