@@ -77,13 +77,14 @@ class AgentService(Service):
 
     @expose(AllowParents())
     @arg_spec({"hop": dict, "name": str})
-    def start_hop(self, hop: Dict[str, Any], name: str) -> Dict[str, int]:
+    def start_hop(self, hop: Dict[str, Any], name: str) -> Dict[str, Any]:
         """Start a chained agent as ``hop`` describes (see :mod:`connect`:
-        e.g. a become command made on the controller); returns its id and
-        pid."""
+        e.g. a become command made on the controller); returns its id, pid
+        and ``executable`` (its ``sys.executable``, None if unknown)."""
         from .connect import start_hop
         ctx, pid = start_hop(self.router, hop, name, extra_modules=_extra_modules())
-        return {"id": ctx.context_id, "pid": pid}
+        return {"id": ctx.context_id, "pid": pid,
+                "executable": getattr(ctx, "executable", None)}
 
     @expose(AllowParents())
     @arg_spec({"name": str, "detach": bool})
@@ -193,7 +194,7 @@ def main(config_bytes: bytes, data_fd: int = 0) -> None:
     pool = Pool(router, [AgentService(router, fork_server, cfg)], size=POOL_SIZE,
                 function_modules=_may_call)
     _attach_parent(router, fd_in, fd_out, cfg)
-    os.write(fd_out, bootstrap.READY + str(os.getpid()).encode() + b"\n")
+    os.write(fd_out, bootstrap.ready_line(os.getpid(), sys.executable))
     try:
         _serve_until_parent_lost(router, pool)
     finally:

@@ -19,8 +19,9 @@ How an agent starts
    (ids, parent id, name, limits). Stage 2 imports
    :mod:`ansible_mitogen_svc.agent` from memory and calls ``main(config)``.
 4. The agent forks its virgin fork parent, moves the data pipes off fds 0
-   and 1, and writes :data:`READY` followed by its pid and a newline. From
-   then on both directions carry only frames.
+   and 1, and writes :data:`READY` followed by its pid, a space, its
+   ``sys.executable`` and a newline (:func:`ready_line`). From then on both
+   directions carry only frames.
 
 Nothing the target sends before READY is trusted: it is kept (bounded) only
 to explain a failure.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import threading
 import zlib
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -37,7 +39,7 @@ from . import codec
 
 __all__ = ["SHIPPED_MODULES", "MIN_TARGET_PYTHON", "READY", "Sources",
            "collect_sources", "stage2", "first_stage_argv", "agent_command", "encode_stage2",
-           "encode_config"]
+           "encode_config", "ready_line", "parse_ready"]
 
 # The minimum target Python, declared once.
 MIN_TARGET_PYTHON = (3, 8)
@@ -219,6 +221,7 @@ def own_sources() -> Optional[Sources]:
 
 
 _CACHE: Dict[Tuple[str, ...], Tuple[bytes, Sources]] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def collect_sources(extra: Iterable[str] = (), minify: bool = True) -> Sources:
@@ -236,12 +239,13 @@ def collect_sources(extra: Iterable[str] = (), minify: bool = True) -> Sources:
 def stage2(extra: Iterable[str] = ()) -> Tuple[bytes, Sources]:
     """Compressed stage 2 (cached per set of extra modules) and its sources."""
     key = tuple(sorted(set(extra)))
-    hit = _CACHE.get(key)
-    if hit is None:
-        sources = collect_sources(key)
-        text = "_SOURCES = %r\n%s" % (sources, _STAGE2_TAIL)
-        hit = (zlib.compress(text.encode("utf-8"), 9), sources)
-        _CACHE[key] = hit
+    with _CACHE_LOCK:  # one build, however many threads want it at once
+        hit = _CACHE.get(key)
+        if hit is None:
+            sources = collect_sources(key)
+            text = "_SOURCES = %r\n%s" % (sources, _STAGE2_TAIL)
+            hit = (zlib.compress(text.encode("utf-8"), 9), sources)
+            _CACHE[key] = hit
     return hit
 
 
@@ -260,6 +264,20 @@ def agent_command(python: str) -> str:
     (``become.build_become_command(agent_command(python), shell)``)."""
     import shlex
     return " ".join(shlex.quote(a) for a in first_stage_argv(python, 1))
+
+
+def ready_line(pid: int, executable: str) -> bytes:
+    """What an agent writes once it serves: READY, pid, executable."""
+    exe = os.fsencode(executable or "")
+    if b"\n" in exe:
+        exe = b""  # unknown rather than a broken handshake
+    return READY + b"%d %s\n" % (pid, exe)
+
+
+def parse_ready(rest: bytes) -> Tuple[int, Optional[str]]:
+    """(pid, executable or None) from a READY line's text after READY."""
+    pid, _, exe = rest.partition(b" ")
+    return int(pid or 0), (os.fsdecode(exe) if exe else None)
 
 
 def encode_stage2(blob: bytes) -> bytes:

@@ -96,6 +96,7 @@ def start_child_agent(router: Router, argv: Sequence[str], name: str,
     diag.raw_sink = _log_sink(name)
     router.broker.add_stream(diag)
     ctx = router.attach_child(stream, ids, name)
+    ctx.executable = sp.agent_executable  # type: ignore[attr-defined]
     return ctx, sp.agent_pid
 
 
@@ -187,6 +188,7 @@ def hop(parent: Context, spec: Dict[str, Any], name: Optional[str] = None) -> Co
                                       name=name).get(timeout + 5)
     ctx = parent.router.context(int(reply["id"]), name)
     ctx.pid = reply["pid"]  # type: ignore[attr-defined]
+    ctx.executable = reply.get("executable")  # type: ignore[attr-defined]
     return ctx
 
 

@@ -124,11 +124,15 @@ class CallError(Error):
         if isinstance(exc, CallError):
             return cls(exc.type_name, exc.message, exc.remote_traceback or tb)
         t = type(exc)
-        mod = t.__module__
-        name = t.__qualname__ if mod == "builtins" else "%s.%s" % (mod, t.__qualname__)
-        if mod == "builtins":
-            name = "builtins." + t.__qualname__
-        return cls(name, str(exc), tb)
+        return cls("%s.%s" % (_canonical(t.__module__), t.__qualname__), str(exc), tb)
+
+
+def _canonical(module: str) -> str:
+    """``module`` as targets know it: the runtime is ``ansible_mitogen_svc``
+    there, whatever package holds it here (e.g. an installed collection's
+    ``ansible_collections.mitogen.svc.ansible_mitogen_svc``)."""
+    at = (module + ".").find(".ansible_mitogen_svc.")
+    return module[at + 1:] if at >= 0 else module
 
 
 class RefusedError(CallError):

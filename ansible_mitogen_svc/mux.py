@@ -1,8 +1,8 @@
 """The controller multiplexer: one process that owns every agent of a run.
 
-Runs on: the controller only (not shipped). Started by the Ansible strategy
-plugins as ``python -c "...mux.main()"`` with the collection root on
-``PYTHONPATH``; never imports ansible.
+Runs on: the controller only (not shipped). Forked from ansible-playbook by
+the Ansible strategy plugins (``plugins/plugin_utils/_mux.py``), which then
+call :func:`main`; it never uses ansible itself.
 
 Theory of operation
 -------------------
@@ -22,13 +22,13 @@ survives the task. The mux is the long-lived process that does:
    requests for the same route wait for the one start, and the reply is the
    agent's context id. The worker then calls functions of
    :mod:`~ansible_mitogen_svc.target` on that agent directly.
-4. Lifetime: the mux's stdin is a pipe whose write end only the parent
-   (ansible-playbook and the workers it forks) holds. EOF on it, or being
+4. Lifetime: the mux watches a pipe (its *lifeline*) whose write end only
+   the parent (ansible-playbook and the workers it forks) holds. EOF on it, or being
    re-parented (ansible-playbook died, even by SIGKILL, while a worker
    still holds the pipe), shuts the router down: every agent stream closes
    and every agent exits; the socket directory is removed.
 
-Startup protocol on stdout: one line ``MSVC-MUX-READY <socket path>\\n``.
+Startup protocol on the ready fd: one line ``MSVC-MUX-READY <socket path>\\n``.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import codec, connect
+from . import bootstrap, codec, connect
 from .broker import Stream
 from .context import Context, Router
 from .files import FileService
@@ -100,13 +100,14 @@ class _Route:
     """One started agent in ConnectionService's table: a base route (an
     agent the mux started) or one hop of a chain (started by its parent)."""
 
-    __slots__ = ("ctx", "executable", "path", "used")
+    __slots__ = ("ctx", "executable", "path", "used", "fresh")
 
     def __init__(self, ctx: Context, executable: str, path: Tuple[bytes, ...]) -> None:
         self.ctx = ctx
         self.executable = executable
         self.path = path  # keys from the base route down to this one
         self.used = time.monotonic()
+        self.fresh = True  # no get() has been answered with it yet
 
 
 class _Start:
@@ -179,18 +180,21 @@ class ConnectionService(DeduplicatingService):
     @expose(TrustedWorkers())
     @arg_spec({"spec": dict})
     def get(self, spec: Dict[str, Any]) -> Dict[str, Any]:
-        """Returns ``{"id", "name", "executable"}`` of the agent at the end
-        of the route (``executable``: its ``sys.executable``), starting it
-        and its parents if needed. Raises BootstrapError/PasswordError when
-        one cannot start."""
+        """Returns ``{"id", "name", "executable", "fresh"}`` of the agent at
+        the end of the route (``executable``: its ``sys.executable``; ``fresh``:
+        True for the one caller answered first after it started, so nothing
+        can have been sent to it yet), starting it and its parents if
+        needed. Raises BootstrapError/PasswordError when one cannot start."""
         base, chain, keys = route_path(spec)
         cap = int(spec.get("become_cap", BECOME_CAP))
         route = self._ensure(keys[:1], lambda parent: self._start(base))
         for i, hop in enumerate(chain):
             route = self._ensure(keys[:i + 2], functools.partial(connect.hop, spec=hop), route)
         self._touch(route, cap)
+        with self._lock:
+            fresh, route.fresh = route.fresh, False
         return {"id": route.ctx.context_id, "name": route.ctx.name,
-                "executable": route.executable}
+                "executable": route.executable, "fresh": fresh}
 
     @expose(TrustedWorkers())
     @arg_spec({"spec": dict})
@@ -261,13 +265,14 @@ class ConnectionService(DeduplicatingService):
             return flight.route
         try:
             ctx = start(parent.ctx if parent is not None else self.router.context(0))
-            route = _Route(ctx, "", path)
-            try:
-                info = ctx.call_service_async(AGENT_SERVICE, "info").get(60.0)
-            except BaseException:
-                self._stop(route)
-                raise
-            route.executable = str(info.get("executable") or "")
+            route = _Route(ctx, str(getattr(ctx, "executable", None) or ""), path)
+            if not route.executable:  # the handshake did not say
+                try:
+                    info = ctx.call_service_async(AGENT_SERVICE, "info").get(60.0)
+                except BaseException:
+                    self._stop(route)
+                    raise
+                route.executable = str(info.get("executable") or "")
             flight.route = route
             with self._lock:
                 self._routes[key] = flight.route
@@ -464,31 +469,35 @@ def _setup_logging() -> None:
     root.setLevel(getattr(logging, level, logging.WARNING))
 
 
-def _wait_for_parent_exit(parent: int) -> None:
-    """Return on EOF on stdin, or once we have been re-parented: forked
-    Ansible workers inherit the pipe's write end, so after a SIGKILL of
-    ansible-playbook the EOF alone could come as late as a worker's exit."""
+def _wait_for_parent_exit(parent: int, lifeline_fd: int) -> None:
+    """Return on EOF on ``lifeline_fd``, or once we have been re-parented:
+    forked Ansible workers inherit the pipe's write end, so after a SIGKILL
+    of ansible-playbook the EOF alone could come as late as a worker's exit."""
     import select
     while os.getppid() == parent:
         try:
-            ready, _, _ = select.select([0], [], [], PARENT_POLL)
-            if ready and not os.read(0, 4096):
+            ready, _, _ = select.select([lifeline_fd], [], [], PARENT_POLL)
+            if ready and not os.read(lifeline_fd, 4096):
                 return
         except OSError:
             return
 
 
-def main() -> None:
-    """Entry point: serve until stdin reaches EOF."""
+def main(lifeline_fd: int = 0, ready_fd: int = 1) -> None:
+    """Serve until ``lifeline_fd`` reaches EOF (or the parent is gone);
+    the READY line goes to ``ready_fd``, which is closed after it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to ansible-playbook
     _setup_logging()
     server = MuxServer().start()
-    out = os.fdopen(os.dup(1), "wb")
-    out.write(READY + server.path.encode() + b"\n")
-    out.close()
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)  # nobody reads our stdout any more
+    os.write(ready_fd, READY + server.path.encode() + b"\n")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in {ready_fd, 0, 1} - {lifeline_fd}:
+        os.dup2(null, fd)  # nobody reads our stdout; the terminal is not ours
+    if ready_fd > 2:
+        os.close(ready_fd)
     os.close(null)
-    _wait_for_parent_exit(os.getppid())
+    # The first agent needs stage 2: build it now, not once a worker asks.
+    bootstrap.stage2(AGENT_MODULES)
+    _wait_for_parent_exit(os.getppid(), lifeline_fd)
     LOG.debug("mux: parent gone, shutting down")
     server.stop()

@@ -297,6 +297,7 @@ def zygote_main(fd: int, cfg: Dict[str, Any]) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
     _install_code_cache()
     _preload(str(cfg.get("zip") or ""), [str(n) for n in cfg.get("preload") or ()])
+    _zygote_modules[0] = frozenset(sys.modules)
     # Objects of the zygote are never collected in children: a collection
     # there would write to every one of them, copying their pages.
     import gc
@@ -373,6 +374,13 @@ _preloaded_from: Dict[str, str] = {}
 #: hold a path into the zygote's zip), computed once in the zygote so each
 #: task child does not walk every module's globals again.
 _preloaded: List[Tuple[str, Any, List[str]]] = []
+#: The packages among them (name, module).
+_preloaded_packages: List[Tuple[str, Any]] = []
+#: The names in ``sys.modules`` once the zygote was ready. A task child
+#: finds what it imported since by walking ``sys.modules`` from its end
+#: (dicts keep insertion order) up to the first of these: walking all of it
+#: would touch every module object, and each costs the child a copied page.
+_zygote_modules: List["frozenset[str]"] = [frozenset()]
 
 
 def _preload(zip_path: str, names: List[str]) -> None:
@@ -392,6 +400,8 @@ def _preload(zip_path: str, names: List[str]) -> None:
     for name, mod in list(sys.modules.items()):
         if name == "ansible" or name.startswith("ansible."):
             _preloaded.append((name, mod, _path_globals(mod, zip_path)))
+            if isinstance(getattr(mod, "__path__", None), list):
+                _preloaded_packages.append((name, mod))
 
 
 def _path_globals(mod: Any, prefix: str) -> List[str]:
@@ -560,13 +570,12 @@ def _rebase(zip_path: str, paths_only: bool = False) -> None:
     points into ``zip_path``, as if this process had imported them there."""
     import pathlib
     old = _preloaded_from.get("zip")
-    known = {name for name, _mod, _keys in _preloaded}
     # Preloaded modules (their path globals listed once by the zygote),
     # then those this task imported since.
-    entries = list(_preloaded)
-    for name, mod in list(sys.modules.items()):
-        if (name == "ansible" or name.startswith("ansible.")) and name not in known:
-            entries.append((name, mod, _path_globals(mod, old) if old else []))
+    entries = ([(name, mod, []) for name, mod in _preloaded_packages] if paths_only
+               else list(_preloaded))
+    for name, mod in _imported_since_fork():
+        entries.append((name, mod, _path_globals(mod, old) if old else []))
     for name, mod, keys in entries:
         path = getattr(mod, "__path__", None)
         if isinstance(path, list):
@@ -579,6 +588,21 @@ def _rebase(zip_path: str, paths_only: bool = False) -> None:
                 setattr(mod, key, zip_path + value[len(old):])
             elif isinstance(value, pathlib.PurePath) and str(value).startswith(old):
                 setattr(mod, key, type(value)(zip_path + str(value)[len(old):]))
+
+
+def _imported_since_fork() -> List[Tuple[str, Any]]:
+    """The ``ansible`` modules in ``sys.modules`` that the zygote did not
+    have, newest first."""
+    found = []
+    zygote = _zygote_modules[0]
+    for name in reversed(sys.modules):  # type: ignore[call-overload]
+        if name in zygote:
+            break
+        if name == "ansible" or name.startswith("ansible."):
+            mod = sys.modules.get(name)
+            if mod is not None:
+                found.append((name, mod))
+    return found
 
 
 def _execute(source: bytes, path: str = "", span: Any = None) -> int:

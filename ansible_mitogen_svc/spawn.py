@@ -119,6 +119,7 @@ class Spawned:
         self.data = data
         self.diag_fd = diag_fd
         self.agent_pid = 0
+        self.agent_executable: Optional[str] = None
         self.leftover = b""
 
 
@@ -204,7 +205,8 @@ def _handshake(sp: Spawned, payload: bytes, name: str, dialog: Optional[Dialog],
             if i >= 0:
                 j = out.find(b"\n", i)
                 if j > 0:
-                    sp.agent_pid = int(out[i + len(bootstrap.READY):j] or 0)
+                    sp.agent_pid, sp.agent_executable = bootstrap.parse_ready(
+                        bytes(out[i + len(bootstrap.READY):j]))
                     sp.leftover = bytes(out[j + 1:])
                     return
             if len(out) > MAX_DIAG:
@@ -269,10 +271,11 @@ def start_agent(argv: Sequence[str], config: dict, name: str, dialog: Optional[D
         BootstrapError: the command failed, timed out or never answered.
         PasswordError: a password was needed and missing or wrong.
     """
-    blob, _sources = bootstrap.stage2(extra_modules)
     LOG.debug("%s: starting %s", name, argv[0])
     sp = _start(argv, use_tty, tty_stdin and use_tty, env)
     try:
+        # Built (once per process) while the command starts: ssh's connect.
+        blob, _sources = bootstrap.stage2(extra_modules)
         _handshake(sp, bootstrap.encode_stage2(blob) + bootstrap.encode_config(config), name,
                    dialog, timeout)
     except BaseException:

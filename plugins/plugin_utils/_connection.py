@@ -61,6 +61,8 @@ class AgentConnection(ConnectionBase):
         super().__init__(*args, **kwargs)
         self._agent_id: int | None = None
         self._agent_executable: str | None = None
+        #: Agents the mux just started for this connection (nothing sent yet).
+        self._fresh: set[int] = set()
         self._client: _mux.Client | None = None
         self._fallback: ConnectionBase | None = None
         # The mux's answer to "get", while it has not been collected.
@@ -141,6 +143,8 @@ class AgentConnection(ConnectionBase):
             raise self._connect_failure(exc) from None
         self._agent_id = int(reply["id"])
         self._agent_executable = reply.get("executable")
+        if reply.get("fresh"):
+            self._fresh.add(self._agent_id)
         self._connected = True
         display.vvvv("agent %s (context %d) ready" % (reply.get("name"), self._agent_id),
                      host=self._describe_host())
@@ -298,6 +302,8 @@ class AgentConnection(ConnectionBase):
         except (BrokenError, RoutingError, TimeoutError) as exc:
             raise self._connect_failure(exc) from None
         self._chained[int(reply["id"])] = spec
+        if reply.get("fresh"):
+            self._fresh.add(int(reply["id"]))
         display.vvvv("%s agent %s (context %s) ready" % (
             "become" if become else "interpreter", reply.get("name"), reply["id"]),
             host=self._describe_host())
@@ -319,8 +325,14 @@ class AgentConnection(ConnectionBase):
         args = (part.head, part.tail, part.digest, module["env"] or {},
                 _payload.zygote_key(interp), _payload.PRELOAD)
         opts = {"isolation": run["isolation"]} if run.get("isolation") else {}
+        first: dict[str, t.Any] = {}
+        if agent_id in self._fresh and part.digest:
+            # Just started for us: it cannot hold the zip, so send it now
+            # rather than after a {"missing"} answer.
+            self._fresh.discard(agent_id)
+            first["blob"] = part.blob
         try:
-            res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, **opts)
+            res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, **opts, **first)
             if "missing" in res:
                 res = self._call(agent_id, RUNNER_MODULE, "run_module", *args, blob=part.blob,
                                  **opts)

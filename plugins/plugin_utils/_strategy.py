@@ -81,32 +81,48 @@ def _install_action_hook() -> None:
     action_loader.get_with_context = get_with_context  # type: ignore[method-assign]
 
 
-def _preload_plugins() -> None:
+def _preload_plugins(stock: bool = True) -> None:
     """Load our connection plugins once in this process, before workers
     fork: each worker would otherwise compile the plugin and parse its
     DOCUMENTATION (the option definitions) again, ~25 ms of CPU per task
-    and host, as the plugin loader caches both per process."""
-    # (The stock ssh plugin too: a connection compares its own answers
-    # with that plugin's while an agent starts, and falls back to it.)
-    for name in sorted(set(REPLACEMENTS.values())) + ["ansible.builtin.ssh"]:
+    and host, as the plugin loader caches both per process.
+
+    With ``stock``, the stock ssh plugin too (~65 ms): a connection compares
+    its own answers with that plugin's while its agent starts (the first
+    task of each host). For a single host that is one worker, where the
+    load overlaps with the agent's start instead of delaying the worker."""
+    names = sorted(set(REPLACEMENTS.values())) + (["ansible.builtin.ssh"] if stock else [])
+    for name in names:
         connection_loader.get(name, class_only=True)
-    # ansible-core 2.20+: a per-process cache each worker fills again for
+    # ansible-core 2.21: a per-process cache each worker fills again for
     # every task result (~7 ms of type-hint evaluation) unless filled here.
+    # functools.cache keys a keyword argument apart from a positional one:
+    # call it the way ansible-core does.
     try:
         from ansible._internal._task import UnifiedTaskResult  # type: ignore[import-not-found]
         for source_is_module in (False, True):
-            UnifiedTaskResult.get_result_key_to_resolved_field_mapping(source_is_module)
+            UnifiedTaskResult.get_result_key_to_resolved_field_mapping(
+                source_is_module=source_is_module)
     except Exception:  # another ansible-core: nothing to warm
         pass
 
 
+def _host_count(strategy: t.Any, iterator: t.Any) -> int:
+    """How many hosts the play (or serial batch) runs on; 2 when unknown."""
+    try:
+        return len(strategy.get_hosts_remaining(iterator._play))
+    except Exception:
+        return 2
+
+
 @contextlib.contextmanager
-def activated() -> t.Iterator[None]:
-    """Start the mux, route stock connections to ours while the block runs."""
+def activated(strategy: t.Any = None, iterator: t.Any = None) -> t.Iterator[None]:
+    """Start the mux, route stock connections to ours while the block runs
+    (``strategy.run(iterator, ...)``)."""
     _mux.start_mux()  # starts while the rest of this is done
     _install_hook()
     _payload.zygote_key("")  # hash module_utils once, before workers fork
-    _preload_plugins()
+    _preload_plugins(stock=_host_count(strategy, iterator) > 1)
     _mux.ensure_mux()
     _switch["active"] += 1
     try:

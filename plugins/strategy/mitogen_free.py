@@ -27,5 +27,5 @@ class StrategyModule(_Builtin):
     """Thin activator: start the mux, switch connections, delegate."""
 
     def run(self, iterator: t.Any, play_context: t.Any) -> t.Any:
-        with activated():
+        with activated(self, iterator):
             return super().run(iterator, play_context)

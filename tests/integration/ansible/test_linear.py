@@ -25,7 +25,7 @@ from conftest import ANSIBLE_BIN, PLAYBOOKS, AnsibleEnv, run_playbook  # noqa: E
 pytestmark = pytest.mark.timeout(240)
 
 MITOGEN = "mitogen.svc.mitogen_linear"
-MUX_MARK = b"ansible_mitogen_svc.mux import main"
+MUX_COMM = b"msvc-mux"
 AGENT_MARK = b"base64.b64decode"
 
 
@@ -33,6 +33,14 @@ def _cmdline(pid: int) -> bytes:
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as fp:
             return fp.read()
+    except OSError:
+        return b""
+
+
+def _comm(pid: int) -> bytes:
+    try:
+        with open("/proc/%d/comm" % pid, "rb") as fp:
+            return fp.read().strip()
     except OSError:
         return b""
 
@@ -49,7 +57,7 @@ def mux_pids(env: AnsibleEnv) -> List[int]:
     """Mux processes started for ``env`` (its private ANSIBLE_HOME)."""
     mark = b"ANSIBLE_HOME=" + str(env.home).encode() + b"\0"
     return [int(p) for p in os.listdir("/proc") if p.isdigit()
-            and MUX_MARK in _cmdline(int(p)) and mark in _environ(int(p))]
+            and _comm(int(p)) == MUX_COMM and mark in _environ(int(p))]
 
 
 def agent_pids(testbed: Any) -> List[int]:

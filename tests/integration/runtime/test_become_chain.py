@@ -163,9 +163,14 @@ def expect_error(mux: Mux, spec: Dict[str, Any], type_name: str) -> CallError:
 def test_sudo_without_password(mux: Mux, hop: Callable[..., Dict[str, Any]]) -> None:
     """root -> msvc-alice with sudo -n: the agent runs as alice."""
     from tests.lib.testbed import ALICE
-    reply = mux.get(dict(mux.base("root"), chain=[hop("ansible.builtin.sudo", ALICE)]))
-    assert set(reply) == {"id", "name", "executable"}
+    spec = dict(mux.base("root"), chain=[hop("ansible.builtin.sudo", ALICE)])
+    reply = mux.get(spec)
+    assert set(reply) == {"id", "name", "executable", "fresh"}
     assert reply["executable"] == PYTHON
+    # Only the first caller after the start is told nothing was sent yet.
+    assert reply["fresh"] is True
+    again = mux.get(spec)
+    assert again["id"] == reply["id"] and again["fresh"] is False
     info = mux.info(reply)
     assert info["uid"] == info["euid"] == uid(ALICE)
 

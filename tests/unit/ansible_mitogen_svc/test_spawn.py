@@ -56,3 +56,15 @@ def test_default_and_named_prompts() -> None:
     assert Dialog("ssh", "pw").feed(b"alice@host's password: ") == b"pw\n"
     named = Dialog("sudo", "pw", prompt_pattern("Enter secret> "))
     assert named.feed(b"Enter secret> ") == b"pw\n"
+
+
+def test_ready_line_round_trip() -> None:
+    from ansible_mitogen_svc.bootstrap import READY, parse_ready, ready_line
+    line = ready_line(4321, "/opt/py 3/bin/python3")
+    assert line.startswith(READY) and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert parse_ready(line[len(READY):-1]) == (4321, "/opt/py 3/bin/python3")
+    # An executable the line cannot carry is left out, never a broken line.
+    line = ready_line(7, "/bad\npath")
+    assert line.count(b"\n") == 1
+    assert parse_ready(line[len(READY):-1]) == (7, None)
+    assert parse_ready(b"99") == (99, None)
