@@ -1,8 +1,9 @@
 """The controller multiplexer: one process that owns every agent of a run.
 
-Runs on: the controller only (not shipped). Forked from ansible-playbook by
-the Ansible strategy plugins (``plugins/plugin_utils/_mux.py``), which then
-call :func:`main`; it never uses ansible itself.
+Runs on: the controller only (not shipped). Started by the Ansible strategy
+plugins as ``python -S -c "...mux.main()"`` with the collection root on
+``PYTHONPATH`` (``plugins/plugin_utils/_mux.py``); never imports ansible.
+It names itself ``msvc-mux`` (``ps -o comm``).
 
 Theory of operation
 -------------------
@@ -469,6 +470,15 @@ def _setup_logging() -> None:
     root.setLevel(getattr(logging, level, logging.WARNING))
 
 
+def _set_comm(name: bytes) -> None:
+    """Name this process (``ps -o comm``, /proc/PID/comm) on Linux."""
+    try:
+        with open("/proc/self/comm", "wb") as fp:
+            fp.write(name)
+    except OSError:
+        pass
+
+
 def _wait_for_parent_exit(parent: int, lifeline_fd: int) -> None:
     """Return on EOF on ``lifeline_fd``, or once we have been re-parented:
     forked Ansible workers inherit the pipe's write end, so after a SIGKILL
@@ -487,6 +497,7 @@ def main(lifeline_fd: int = 0, ready_fd: int = 1) -> None:
     """Serve until ``lifeline_fd`` reaches EOF (or the parent is gone);
     the READY line goes to ``ready_fd``, which is closed after it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to ansible-playbook
+    _set_comm(b"msvc-mux")
     _setup_logging()
     server = MuxServer().start()
     os.write(ready_fd, READY + server.path.encode() + b"\n")

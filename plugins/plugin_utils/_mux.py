@@ -14,15 +14,12 @@ Runs on: the controller only. The only glue between Ansible processes and
 """
 from __future__ import annotations
 
-import gc
 import os
 import select
-import signal
+import subprocess
 import sys
 import threading
-import time
 import typing as t
-import warnings
 
 from ansible_collections.mitogen.svc.ansible_mitogen_svc import Context, Pool, Router
 from ansible_collections.mitogen.svc.ansible_mitogen_svc import mux as _mux_mod
@@ -30,6 +27,8 @@ from ansible_collections.mitogen.svc.ansible_mitogen_svc.files import FileServic
 
 CONNECTION_SERVICE = _mux_mod.ConnectionService.name
 TARGET_MODULE = _mux_mod.TARGET_MODULE
+# The runtime package directory's parent: the collection root.
+_COLLECTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_mux_mod.__file__)))
 MUX_START_TIMEOUT = 30.0
 
 
@@ -38,7 +37,7 @@ class MuxStartError(RuntimeError):
 
 
 class _MuxProcess:
-    def __init__(self, proc: "_ForkedMux", path: str) -> None:
+    def __init__(self, proc: subprocess.Popen, path: str) -> None:
         self.proc = proc
         self.path = path
         self.owner_pid = os.getpid()
@@ -48,97 +47,21 @@ _state: dict[str, t.Any] = {"mux": None, "client": None}
 _lock = threading.Lock()
 
 
-class _ForkedMux:
-    """The mux: a child forked from this process (ansible-playbook, before
-    any worker), so it starts with the runtime already imported instead of
-    paying a fresh interpreter's start-up and imports (~0.1-0.2 s of CPU
-    on the critical path of every run). Offers what callers use of a
-    ``subprocess.Popen``: ``pid``, ``poll``, ``kill``, ``wait`` and the
-    READY line on ``stdout``."""
-
-    def __init__(self) -> None:
-        lifeline_r, self._lifeline_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        with warnings.catch_warnings():
-            # 3.12+ warns about forking a process that has threads; Ansible
-            # forks its workers from this same process.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            _mux_child(lifeline_r, ready_w, (self._lifeline_w, ready_r))
-        os.close(lifeline_r)
-        os.close(ready_w)
-        self.pid = pid
-        self.returncode: int | None = None
-        self.stdout = os.fdopen(ready_r, "rb")
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = -1  # reaped by someone else: gone
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: float = MUX_START_TIMEOUT) -> int | None:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.returncode
+def _spawn_mux() -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_COLLECTION_ROOT, env.get("PYTHONPATH")) if p)
+    code = "from ansible_mitogen_svc.mux import main; main()"
+    # A fresh interpreter, not a fork of this process: forking ansible-playbook
+    # was measured to save the start-up but to cost as much again in
+    # copy-on-write faults in ansible-playbook while the mux lives (see
+    # docs/benchmarks.md). -S: the mux needs only the stdlib and PYTHONPATH.
+    return subprocess.Popen([sys.executable, "-S", "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
+                            env=env)
 
 
-def _mux_child(lifeline: int, ready: int, parent_fds: t.Tuple[int, ...]) -> t.NoReturn:
-    """In the forked child: become the mux. Never returns."""
-    code = 1
-    try:
-        for fd in parent_fds:
-            os.close(fd)
-        os.setsid()  # the terminal's signals belong to ansible-playbook
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                    signal.SIGUSR2, signal.SIGALRM, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        # Objects inherited from ansible-playbook are never collected here:
-        # a collection would walk (and copy) every page of them.
-        gc.freeze()
-        _set_comm(b"msvc-mux")
-        _mux_mod.main(lifeline_fd=lifeline, ready_fd=ready)
-        code = 0
-    except BaseException:  # report it; never unwind into ansible-playbook's stack
-        try:
-            import traceback
-            traceback.print_exc()
-        except BaseException:
-            pass
-    finally:
-        os._exit(code)
-
-
-def _set_comm(name: bytes) -> None:
-    """Name this process (``ps -o comm``, /proc/PID/comm) on Linux."""
-    try:
-        with open("/proc/self/comm", "wb") as fp:
-            fp.write(name)
-    except OSError:
-        pass
-
-
-def _spawn_mux() -> _ForkedMux:
-    return _ForkedMux()
-
-
-def _await_mux(proc: _ForkedMux) -> _MuxProcess:
+def _await_mux(proc: subprocess.Popen) -> _MuxProcess:
+    assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], MUX_START_TIMEOUT)
     line = proc.stdout.readline() if ready else b""
     proc.stdout.close()
@@ -147,9 +70,8 @@ def _await_mux(proc: _ForkedMux) -> _MuxProcess:
         proc.wait()
         raise MuxStartError("mitogen.svc mux failed to start (exit status %s, said %r)"
                             % (proc.returncode, line[:200]))
-    # The lifeline's write end stays open here and in every worker forked
-    # from here: EOF (our exit, even by SIGKILL, once the workers are gone)
-    # stops the mux.
+    # stdin stays open: its write end is the mux's lifeline. EOF (our exit,
+    # even by SIGKILL, once forked workers are gone) stops the mux.
     return _MuxProcess(proc, line[len(_mux_mod.READY):].strip().decode())
 
 
