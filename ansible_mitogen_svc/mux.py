@@ -23,13 +23,14 @@ survives the task. The mux is the long-lived process that does:
    requests for the same route wait for the one start, and the reply is the
    agent's context id. The worker then calls functions of
    :mod:`~ansible_mitogen_svc.target` on that agent directly.
-4. Lifetime: the mux watches a pipe (its *lifeline*) whose write end only
-   the parent (ansible-playbook and the workers it forks) holds. EOF on it, or being
-   re-parented (ansible-playbook died, even by SIGKILL, while a worker
-   still holds the pipe), shuts the router down: every agent stream closes
-   and every agent exits; the socket directory is removed.
+4. Lifetime: the mux's stdin is a pipe (its *lifeline*) whose write end
+   only the parent (ansible-playbook and the workers it forks) holds. EOF
+   on it, or being re-parented (ansible-playbook died, even by SIGKILL,
+   while a worker still holds the pipe), shuts the router down: every
+   agent stream closes and every agent exits; the socket directory is
+   removed.
 
-Startup protocol on the ready fd: one line ``MSVC-MUX-READY <socket path>\\n``.
+Startup protocol on stdout: one line ``MSVC-MUX-READY <socket path>\\n``.
 """
 from __future__ import annotations
 
@@ -479,36 +480,37 @@ def _set_comm(name: bytes) -> None:
         pass
 
 
-def _wait_for_parent_exit(parent: int, lifeline_fd: int) -> None:
-    """Return on EOF on ``lifeline_fd``, or once we have been re-parented:
-    forked Ansible workers inherit the pipe's write end, so after a SIGKILL
-    of ansible-playbook the EOF alone could come as late as a worker's exit."""
+def _wait_for_parent_exit(parent: int) -> None:
+    """Return on EOF on stdin, or once we have been re-parented: forked
+    Ansible workers inherit the pipe's write end, so after a SIGKILL of
+    ansible-playbook the EOF alone could come as late as a worker's exit."""
     import select
     while os.getppid() == parent:
         try:
-            ready, _, _ = select.select([lifeline_fd], [], [], PARENT_POLL)
-            if ready and not os.read(lifeline_fd, 4096):
+            ready, _, _ = select.select([0], [], [], PARENT_POLL)
+            if ready and not os.read(0, 4096):
                 return
         except OSError:
             return
 
 
-def main(lifeline_fd: int = 0, ready_fd: int = 1) -> None:
-    """Serve until ``lifeline_fd`` reaches EOF (or the parent is gone);
-    the READY line goes to ``ready_fd``, which is closed after it."""
+def main() -> None:
+    """Entry point: serve until stdin reaches EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to ansible-playbook
     _set_comm(b"msvc-mux")
     _setup_logging()
     server = MuxServer().start()
-    os.write(ready_fd, READY + server.path.encode() + b"\n")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in {ready_fd, 0, 1} - {lifeline_fd}:
-        os.dup2(null, fd)  # nobody reads our stdout; the terminal is not ours
-    if ready_fd > 2:
-        os.close(ready_fd)
+    out = os.fdopen(os.dup(1), "wb")
+    out.write(READY + server.path.encode() + b"\n")
+    out.close()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)  # nobody reads our stdout any more
     os.close(null)
     # The first agent needs stage 2: build it now, not once a worker asks.
-    bootstrap.stage2(AGENT_MODULES)
-    _wait_for_parent_exit(os.getppid(), lifeline_fd)
+    try:
+        bootstrap.stage2(AGENT_MODULES)
+    except Exception as exc:  # each agent start then reports it
+        LOG.debug("mux: stage 2 not built ahead: %s", exc)
+    _wait_for_parent_exit(os.getppid())
     LOG.debug("mux: parent gone, shutting down")
     server.stop()
