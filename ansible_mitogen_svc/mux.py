@@ -72,7 +72,6 @@ SSH_BOOTSTRAP_ALLOWANCE = 20.0
 ASYNCJOB_MODULE = "ansible_mitogen_svc.asyncjob"
 #: Modules every agent the mux starts gets beyond the runtime.
 AGENT_MODULES = [TARGET_MODULE, RUNNER_MODULE, ASYNCJOB_MODULE]
-AGENT_SERVICE = "ansible_mitogen_svc.agent.AgentService"
 #: Chained (become) agents kept per base route, least recently got stopped
 #: first; a spec's ``become_cap`` overrides it. An idle agent costs ~20 MB
 #: of target memory and nothing on the wire; 8 covers plays that switch
@@ -267,14 +266,8 @@ class ConnectionService(DeduplicatingService):
             return flight.route
         try:
             ctx = start(parent.ctx if parent is not None else self.router.context(0))
+            # The handshake said which interpreter it is ("" if it could not).
             route = _Route(ctx, str(getattr(ctx, "executable", None) or ""), path)
-            if not route.executable:  # the handshake did not say
-                try:
-                    info = ctx.call_service_async(AGENT_SERVICE, "info").get(60.0)
-                except BaseException:
-                    self._stop(route)
-                    raise
-                route.executable = str(info.get("executable") or "")
             flight.route = route
             with self._lock:
                 self._routes[key] = flight.route

@@ -422,6 +422,8 @@ _precompiled: Set[str] = set()
 CODE_LIMIT = 4096
 #: In a task child: sources zipimport took from ``_codes`` (tests read it).
 _code_hits = [0]
+#: zipimport's own compile function, once the cache is installed.
+_codes_compile: List[Any] = [None]
 
 
 def _install_code_cache() -> None:
@@ -445,10 +447,6 @@ def _install_code_cache() -> None:
         return _renamed(code, pathname)
 
     setattr(zipimport, "_compile_source", compile_source)
-
-
-#: zipimport's own compile function, once the cache is installed.
-_codes_compile: List[Any] = [None]
 
 
 def _precompile(zip_path: str) -> None:

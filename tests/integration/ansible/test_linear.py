@@ -132,3 +132,21 @@ def test_sigkill_leaves_nothing(ansible_env: AnsibleEnv, testbed: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_fresh_agent_gets_the_module_with_the_first_call(ansible_env: AnsibleEnv,
+                                                         testbed: Any) -> None:
+    """The worker the mux answers first for a new agent sends the module zip
+    with its first call: one message to the agent, not a call answered
+    "missing" and a second call carrying the zip (and the mux no longer
+    asks a new agent for its interpreter: the handshake says it)."""
+    run = run_playbook(ansible_env, "cold_task.yml", MITOGEN, "cold")
+    assert run.rc == 0, _describe(run)
+    counters = {r["host"]: r["result"]["counters"] for r in run.results
+                if r["task"] == "counters after it"}
+    assert set(counters) == {h.name for h in testbed.hosts}
+    for host in testbed.hosts:
+        name = "ssh.%s" % host.address
+        mine = [c for c in counters[host.name] if c["name"] == name]
+        assert len(mine) == 1, counters[host.name]
+        assert (mine[0]["messages_out"], mine[0]["messages_in"]) == (1, 1), mine[0]
