@@ -30,7 +30,10 @@ survives the task. The mux is the long-lived process that does:
    agent stream closes and every agent exits; the socket directory is
    removed.
 
-Startup protocol on stdout: one line ``MSVC-MUX-READY <socket path>\\n``.
+Start-up: the parent creates the private directory, binds and listens on
+the socket and passes it to the mux (``main(fd, directory)``), so it knows
+the path at once; workers that connect before the mux serves wait in the
+socket's backlog, and fail cleanly (connection refused) once the mux died.
 """
 from __future__ import annotations
 
@@ -59,11 +62,10 @@ from .service import DeduplicatingService, Pool, arg_spec, expose
 from .transport import FdTransport
 
 __all__ = ["ConnectionService", "TrustedWorkers", "MuxServer", "attach_worker",
-           "main", "READY", "SOCKET_NAME"]
+           "main", "SOCKET_NAME"]
 
 LOG = logging.getLogger("ansible_mitogen_svc.mux")
 
-READY = b"MSVC-MUX-READY "
 SOCKET_NAME = "mux.sock"
 TARGET_MODULE = "ansible_mitogen_svc.target"
 RUNNER_MODULE = "ansible_mitogen_svc.runner"
@@ -351,7 +353,10 @@ class ConnectionService(DeduplicatingService):
 class MuxServer:
     """Router, pool and listening socket of the mux process."""
 
-    def __init__(self, directory: Optional[str] = None) -> None:
+    def __init__(self, directory: Optional[str] = None,
+                 listening: Optional[socket.socket] = None) -> None:
+        """Listen on ``directory/mux.sock`` (a new private directory by
+        default), or serve ``listening``, a socket the caller bound there."""
         self.directory = directory or tempfile.mkdtemp(prefix="msvc-mux-")
         os.chmod(self.directory, 0o700)
         self.path = os.path.join(self.directory, SOCKET_NAME)
@@ -360,9 +365,11 @@ class MuxServer:
         self.connections = ConnectionService(self.router, files)
         self.pool = Pool(self.router, [files, JobResultService(self.router), self.connections],
                          size=POOL_SIZE)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(self.path)
-        self._sock.listen(128)
+        if listening is None:
+            listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listening.bind(self.path)
+            listening.listen(128)
+        self._sock = listening
         self._stopping = False
         self._thread = threading.Thread(target=self._accept_loop, name="mux.accept", daemon=True)
 
@@ -487,18 +494,15 @@ def _wait_for_parent_exit(parent: int) -> None:
             return
 
 
-def main() -> None:
-    """Entry point: serve until stdin reaches EOF."""
+def main(fd: int, directory: str) -> None:
+    """Entry point: serve the listening socket ``fd``, bound by our parent
+    at ``directory/mux.sock``, until stdin reaches EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to ansible-playbook
     _set_comm(b"msvc-mux")
     _setup_logging()
-    server = MuxServer().start()
-    out = os.fdopen(os.dup(1), "wb")
-    out.write(READY + server.path.encode() + b"\n")
-    out.close()
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)  # nobody reads our stdout any more
-    os.close(null)
+    listening = socket.socket(fileno=fd)
+    listening.set_inheritable(False)
+    server = MuxServer(directory, listening).start()
     # The first agent needs stage 2: build it now, not once a worker asks.
     try:
         bootstrap.stage2(AGENT_MODULES)

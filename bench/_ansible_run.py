@@ -153,7 +153,10 @@ class Workspace:
             fp.write("\n".join(lines) + "\n")
 
     def env(self, strategy: str, capture: str) -> Dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+        # Bytecode caches get written, as on a user's machine (pip compiled
+        # ansible-core's at install; the collection's are written on first use).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("ANSIBLE_") and k != "PYTHONDONTWRITEBYTECODE"}
         env.update({
             "ANSIBLE_COLLECTIONS_PATH": self.collections,
             "ANSIBLE_HOME": self.home,

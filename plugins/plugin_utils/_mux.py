@@ -5,8 +5,9 @@ Runs on: the controller only. The only glue between Ansible processes and
 :mod:`ansible_mitogen_svc.mux`.
 
 * :func:`ensure_mux` runs in the ansible-playbook process (from a strategy's
-  ``run()``, before workers fork). It starts the mux once per process and
-  remembers its socket path in this module; forked workers inherit it.
+  ``run()``, before workers fork). It starts the mux once per process on a
+  socket it binds itself, so it never waits for the mux, and remembers the
+  socket path in this module; forked workers inherit it.
 * :func:`client` runs in a worker: one connection to the mux per process,
   made on first use. Without a mux (the connection plugin used by FQCN
   under a builtin strategy) the worker hosts the connection services
@@ -14,10 +15,13 @@ Runs on: the controller only. The only glue between Ansible processes and
 """
 from __future__ import annotations
 
+import atexit
 import os
-import select
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import typing as t
 
@@ -29,6 +33,8 @@ CONNECTION_SERVICE = _mux_mod.ConnectionService.name
 TARGET_MODULE = _mux_mod.TARGET_MODULE
 # The runtime package directory's parent: the collection root.
 _COLLECTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_mux_mod.__file__)))
+#: Seconds a worker waits for the mux's handshake (the mux may still be
+#: starting when the first workers connect).
 MUX_START_TIMEOUT = 30.0
 
 
@@ -47,32 +53,40 @@ _state: dict[str, t.Any] = {"mux": None, "client": None}
 _lock = threading.Lock()
 
 
-def _spawn_mux() -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_COLLECTION_ROOT, env.get("PYTHONPATH")) if p)
-    code = "from ansible_mitogen_svc.mux import main; main()"
-    # A fresh interpreter, not a fork of this process: forking ansible-playbook
-    # was measured to save the start-up but to cost as much again in
-    # copy-on-write faults in ansible-playbook while the mux lives (see
-    # docs/benchmarks.md). -S: the mux needs only the stdlib and PYTHONPATH.
-    return subprocess.Popen([sys.executable, "-S", "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
-                            env=env)
+def _spawn_mux() -> _MuxProcess:
+    """Start the mux on a socket this process binds: the path is known at
+    once, and a worker that connects before the mux is up waits in the
+    socket's backlog instead of this process waiting for the mux.
 
-
-def _await_mux(proc: subprocess.Popen) -> _MuxProcess:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], MUX_START_TIMEOUT)
-    line = proc.stdout.readline() if ready else b""
-    proc.stdout.close()
-    if not line.startswith(_mux_mod.READY):
-        proc.kill()
-        proc.wait()
-        raise MuxStartError("mitogen.svc mux failed to start (exit status %s, said %r)"
-                            % (proc.returncode, line[:200]))
+    Raises MuxStartError."""
+    directory = tempfile.mkdtemp(prefix="msvc-mux-")  # mode 0700
+    path = os.path.join(directory, _mux_mod.SOCKET_NAME)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_COLLECTION_ROOT, env.get("PYTHONPATH"))
+                                            if p)
+        code = ("from ansible_mitogen_svc.mux import main; main(%d, %r)"
+                % (sock.fileno(), directory))
+        # A fresh interpreter, not a fork of this process: forking
+        # ansible-playbook was measured to save the start-up but to cost as
+        # much again in copy-on-write faults in ansible-playbook while the
+        # mux lives (see docs/benchmarks.md). -S: the mux needs only the
+        # stdlib and PYTHONPATH.
+        proc = subprocess.Popen([sys.executable, "-S", "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, close_fds=True,
+                                pass_fds=(sock.fileno(),), start_new_session=True, env=env)
+    except OSError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise MuxStartError("mitogen.svc mux failed to start: %s" % exc) from exc
+    finally:
+        sock.close()  # the mux's copy is the only one: if it dies, connects fail
     # stdin stays open: its write end is the mux's lifeline. EOF (our exit,
     # even by SIGKILL, once forked workers are gone) stops the mux.
-    return _MuxProcess(proc, line[len(_mux_mod.READY):].strip().decode())
+    atexit.register(shutil.rmtree, directory, True)
+    return _MuxProcess(proc, path)
 
 
 def _running() -> bool:
@@ -80,24 +94,13 @@ def _running() -> bool:
     return mux is not None and mux.owner_pid == os.getpid() and mux.proc.poll() is None
 
 
-def start_mux() -> None:
-    """Start the mux if this process has none, without waiting for it to
-    be ready (:func:`ensure_mux` waits): its start-up overlaps with the
-    caller's own work."""
-    with _lock:
-        starting = _state.get("starting")
-        if not _running() and (starting is None or starting[0] != os.getpid()):
-            _state["starting"] = (os.getpid(), _spawn_mux())
-
-
 def ensure_mux() -> str:
     """Start the mux if this process has none running; returns its socket
-    path. Raises MuxStartError."""
+    path at once (the mux's start-up overlaps with the caller's work and
+    the workers' first steps). Raises MuxStartError."""
     with _lock:
         if not _running():
-            starting = _state.pop("starting", None)
-            proc = starting[1] if starting and starting[0] == os.getpid() else _spawn_mux()
-            _state["mux"] = _await_mux(proc)
+            _state["mux"] = _spawn_mux()
         return t.cast(str, _state["mux"].path)
 
 
@@ -163,8 +166,7 @@ def client() -> Client:
         if path is None:
             cur = _in_process_client()
         else:
-            router, mux = _mux_mod.attach_worker(path)
-            cur = Client(router, mux, None)
+            cur = _attach(path, "worker")
         _state["client"] = cur
         return cur
 
@@ -175,5 +177,12 @@ def transient_client() -> Client | None:
     path = mux_path()
     if path is None:
         return None
-    router, mux = _mux_mod.attach_worker(path, name="main")
+    return _attach(path, "main")
+
+
+def _attach(path: str, name: str) -> Client:
+    try:
+        router, mux = _mux_mod.attach_worker(path, name=name, timeout=MUX_START_TIMEOUT)
+    except OSError as exc:
+        raise ConnectionError("the mitogen.svc mux (%s) did not answer: %s" % (path, exc)) from exc
     return Client(router, mux, None)

@@ -10,14 +10,23 @@ out this collection's connection plugins for ``ssh``, ``smart`` and
 :class:`_action.ActionMixin` into actions running over those connections.
 Workers fork inside ``run()`` and inherit the switch; plays run by other
 strategies see the stock plugins.
+
+:class:`WakeOnResult` replaces the builtin strategies' 1 ms polling while
+they wait for results with a wait that a result (or a worker's inventory
+RPC) ends at once.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import queue
+import threading
 import typing as t
 
+from ansible.errors import AnsibleError
 from ansible.plugins.loader import action_loader, connection_loader
+from ansible.utils.display import Display
 
 from ansible_collections.mitogen.svc.plugins.plugin_utils import _mux, _payload
 
@@ -32,6 +41,10 @@ REPLACEMENTS = {
 }
 
 _switch = {"active": 0, "bypass": 0}
+display = Display()
+#: Seconds between checks for dead workers and termination while waiting
+#: for results (a result ends the wait at once).
+RESULT_WAIT = 0.05
 
 
 def stock_connection(name: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
@@ -119,13 +132,83 @@ def _host_count(strategy: t.Any, iterator: t.Any) -> int:
 def activated(strategy: t.Any = None, iterator: t.Any = None) -> t.Iterator[None]:
     """Start the mux, route stock connections to ours while the block runs
     (``strategy.run(iterator, ...)``)."""
-    _mux.start_mux()  # starts while the rest of this is done
+    _mux.ensure_mux()  # starts while the rest of this is done
     _install_hook()
     _payload.zygote_key("")  # hash module_utils once, before workers fork
     _preload_plugins(stock=_host_count(strategy, iterator) > 1)
-    _mux.ensure_mux()
     _switch["active"] += 1
     try:
         yield
     finally:
         _switch["active"] -= 1
+
+
+class _WakingDeque(collections.deque):  # type: ignore[type-arg]
+    """The strategy's result list: every append sets ``wake``."""
+
+    def __init__(self, items: t.Iterable[t.Any], wake: threading.Event) -> None:
+        super().__init__(items)
+        self.wake = wake
+
+    def append(self, item: t.Any) -> None:
+        super().append(item)
+        self.wake.set()
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The strategy's queue of worker RPCs: every put sets ``wake``."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item: t.Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake.set()
+
+
+class WakeOnResult:
+    """Mixed into our strategies, before the builtin one.
+
+    The builtin ``_wait_on_pending_results`` sleeps 1 ms
+    (``internal_poll_interval``) between looks at the results the results
+    thread collected: ~1000 wake-ups per second of the run, ~3% of the
+    controller's CPU in a playbook that runs 4x faster than vanilla. Here
+    the results thread's append (and a worker's inventory RPC, ansible-core
+    2.19+) ends the wait at once; dead workers and termination are checked
+    as before, every :data:`RESULT_WAIT` s at the latest. The loop is
+    otherwise the builtin one (the same in ansible-core 2.18-2.21)."""
+
+    _results: t.Any
+    _results_lock: t.Any
+    _pending_results: int
+    _tqm: t.Any
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._msvc_wake = threading.Event()
+        with self._results_lock:  # the results thread already runs
+            self._results = _WakingDeque(self._results, self._msvc_wake)
+        rpc = getattr(self, "_rpc_queue", None)
+        if type(rpc) is queue.Queue:
+            waking = _WakingQueue(self._msvc_wake)
+            while True:
+                try:
+                    waking.put(rpc.get(block=False))
+                except queue.Empty:
+                    break
+            self._rpc_queue = waking
+
+    def _wait_on_pending_results(self, iterator: t.Any) -> list[t.Any]:
+        ret_results: list[t.Any] = []
+        display.debug("waiting for pending results...")
+        while self._pending_results > 0 and not self._tqm._terminated:
+            if self._tqm.has_dead_workers():
+                raise AnsibleError("A worker was found in a dead state")
+            self._msvc_wake.clear()  # before looking: a later result sets it again
+            results = self._process_pending_results(iterator)  # type: ignore[attr-defined]
+            ret_results.extend(results)
+            if self._pending_results > 0:
+                self._msvc_wake.wait(RESULT_WAIT)
+        display.debug("no more pending results, returning what we have")
+        return ret_results

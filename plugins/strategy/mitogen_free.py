@@ -20,10 +20,10 @@ import typing as t
 
 from ansible.plugins.strategy.free import StrategyModule as _Builtin
 
-from ansible_collections.mitogen.svc.plugins.plugin_utils._strategy import activated
+from ansible_collections.mitogen.svc.plugins.plugin_utils._strategy import WakeOnResult, activated
 
 
-class StrategyModule(_Builtin):
+class StrategyModule(WakeOnResult, _Builtin):
     """Thin activator: start the mux, switch connections, delegate."""
 
     def run(self, iterator: t.Any, play_context: t.Any) -> t.Any:
