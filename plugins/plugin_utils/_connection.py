@@ -106,6 +106,13 @@ class AgentConnection(ConnectionBase):
         return AnsibleConnectionFailure("Failed to connect to the host via %s: %s"
                                         % (self._transport_word, text))
 
+    def _raise_if_mux_lost(self, exc: BaseException) -> None:
+        if self._client is not None and self._client.mux_lost():
+            self._agent_id = None
+            self._connected = False
+            raise AnsibleConnectionFailure("lost the mitogen.svc mux while talking to %s (%s)"
+                                           % (self._describe_host(), exc)) from None
+
     def _start_connect(self) -> None:
         """Ask the mux for our agent without waiting for the answer (the
         mux starts it if need be); :meth:`_connect` collects it."""
@@ -114,7 +121,11 @@ class AgentConnection(ConnectionBase):
             return
         spec = self._route_spec()
         timeout = float(spec.get("timeout") or 30) + 60.0
-        self._client = _mux.client()
+        try:
+            self._client = _mux.client()
+        except ConnectionError as exc:  # not the host's fault: say whose
+            raise AnsibleConnectionFailure("cannot reach %s: %s" % (self._describe_host(), exc)
+                                           ) from None
         self._pending = (self._client.connection_call_async("get", spec=spec), timeout, spec)
 
     def _connect(self) -> "AgentConnection":
@@ -140,6 +151,7 @@ class AgentConnection(ConnectionBase):
             raise AnsibleError("mitogen.svc could not start an agent for %s: %s"
                                % (self._describe_host(), exc)) from None
         except (OSError, BrokenError, RoutingError, TimeoutError) as exc:
+            self._raise_if_mux_lost(exc)
             raise self._connect_failure(exc) from None
         self._agent_id = int(reply["id"])
         self._agent_executable = reply.get("executable")
@@ -160,6 +172,7 @@ class AgentConnection(ConnectionBase):
         try:
             return self._client.call_function(agent_id, module, function, *args, **kwargs)
         except (BrokenError, RoutingError) as exc:
+            self._raise_if_mux_lost(exc)
             lost = self._chained.pop(agent_id, None)
             if lost is not None:  # the mux cannot see it died: tell it
                 try:

@@ -137,6 +137,11 @@ class Client:
         ctx = self.router.context(agent_id)
         return ctx.call_function_async(module, function, *args, **kwargs).get(timeout)
 
+    def mux_lost(self) -> bool:
+        """True when this client was attached to a mux that went away."""
+        return (self.pool is None
+                and self.router.stream_to(self.service_ctx.context_id) is None)
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.stop(timeout=2.0)

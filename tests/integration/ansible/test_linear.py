@@ -134,6 +134,44 @@ def test_sigkill_leaves_nothing(ansible_env: AnsibleEnv, testbed: Any) -> None:
             proc.wait(10)
 
 
+def test_lost_mux_fails_tasks_cleanly(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    """The mux killed mid-play: the running task fails on every host with an
+    error naming the mux (the workers see its stream close), so does the
+    next one (the socket now refuses connections); nothing hangs, and the
+    agents the mux owned exit."""
+    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "mux_lost.yml")]
+    env = ansible_env.env(MITOGEN, ansible_env.root / "mux_lost.jsonl")
+    proc = subprocess.Popen(argv, env=env, cwd=str(ansible_env.root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    def sleeping() -> int:
+        return sum(1 for host in testbed.hosts for pid in host.process_tree()
+                   if _cmdline(pid) == b"sleep\x005\x00")
+
+    try:
+        assert wait_until(lambda: sleeping() >= len(testbed.hosts), 60.0), \
+            "the second task never started"
+        assert mux_pids(ansible_env)
+        for pid in mux_pids(ansible_env):
+            os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode != 0, out
+    fatal = [ln for ln in out.splitlines() if ln.startswith("fatal: [")]
+    for host in testbed.hosts:
+        mine = [ln for ln in fatal if ln.startswith("fatal: [%s]" % host.name)]
+        assert len(mine) == 2, out
+        assert "lost the mitogen.svc mux while talking to %s" % host.address in mine[0], out
+        assert "cannot reach %s: the mitogen.svc mux" % host.address in mine[1], out
+        assert "did not answer" in mine[1], out
+    assert wait_until(lambda: not agent_pids(testbed)), \
+        "agents %s outlived their mux" % agent_pids(testbed)
+
+
 def test_fresh_agent_gets_the_module_with_the_first_call(ansible_env: AnsibleEnv,
                                                          testbed: Any) -> None:
     """The worker the mux answers first for a new agent sends the module zip
