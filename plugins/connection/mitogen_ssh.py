@@ -213,6 +213,7 @@ DOCUMENTATION = """
 """
 
 import os
+import subprocess
 import typing as t
 
 from ansible.module_utils.common.text.converters import to_text
@@ -222,6 +223,8 @@ from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (Ag
 
 # Options whose effect the persistent agent replaces; kept out of ssh's argv.
 _DROPPED_SSH_OPTIONS = ("controlmaster", "controlpersist", "controlpath")
+#: ssh's log levels at which it says so when a session with a tty ends.
+_SSH_CHATTY_LEVELS = ("INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
 
 
 def _without_control_options(args: list[str]) -> list[str]:
@@ -321,3 +324,48 @@ class Connection(AgentConnection):
 
     def _use_pty(self, in_data: bytes | None, sudoable: bool) -> bool:
         return not in_data and sudoable and bool(self.get_option("use_tty"))
+
+    def _tty_closed_message(self) -> bytes:
+        """The line vanilla's ``ssh -tt`` prints on its stderr when the
+        command ends: "Shared connection to HOST closed." through a
+        ControlPersist master, "Connection to HOST closed." without one,
+        nothing below LogLevel INFO (``-q``, ``-o LogLevel=ERROR``)."""
+        conf = self._ssh_settings()
+        if conf.get("loglevel", "INFO").upper() not in _SSH_CHATTY_LEVELS:
+            return b""
+        host = conf.get("hostname") or self._describe_host()
+        shared = (conf.get("controlmaster", "false").lower() not in ("false", "no")
+                  and conf.get("controlpersist", "no").lower() not in ("false", "no"))
+        if shared:
+            return ("Shared connection to %s closed.\r\n" % host).encode()
+        return ("Connection to %.64s closed.\r\n" % host).encode()
+
+    def _ssh_settings(self) -> dict[str, str]:
+        """The settings vanilla's ssh command line would end up with for this
+        host, ssh's config files included (``ssh -G``, lower-case keys);
+        from the arguments alone when ssh cannot say."""
+        cached = getattr(self, "_ssh_g", None)
+        if cached is not None:
+            return t.cast("dict[str, str]", cached)
+        password = self.get_option("password")
+        args = (self._split_ssh_args(self.get_option("ssh_args") or "")
+                + self._ssh_options(to_text(password) if password else None))
+        conf: dict[str, str] = {}
+        try:
+            out = subprocess.run([to_text(self.get_option("ssh_executable") or "ssh"), "-G"]
+                                 + args + [self._describe_host()], stdin=subprocess.DEVNULL,
+                                 capture_output=True, timeout=10, check=True).stdout
+            for line in to_text(out, errors="surrogate_or_replace").splitlines():
+                key, _, value = line.partition(" ")
+                conf[key.lower()] = value.strip()
+        except (OSError, subprocess.SubprocessError):
+            for i, arg in enumerate(args):
+                if arg == "-q":
+                    conf["loglevel"] = "QUIET"
+                option = (args[i + 1] if arg == "-o" and i + 1 < len(args)
+                          else arg[2:] if arg.startswith("-o") else "")
+                key, _, value = option.replace(" ", "=", 1).partition("=")
+                if key and value:
+                    conf.setdefault(key.strip().lower(), value.strip())
+        self._ssh_g = conf
+        return conf

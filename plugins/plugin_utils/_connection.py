@@ -394,7 +394,14 @@ class AgentConnection(ConnectionBase):
         rc, stdout, stderr = int(res["rc"]), res["stdout"], res["stderr"]
         if plain is None and sudoable and self.become is not None and self.become.success:
             stdout, stderr = self._strip_become(stdout, stderr)
+        if use_pty:
+            stderr += self._tty_closed_message()
         return rc, stdout, stderr
+
+    def _tty_closed_message(self) -> bytes:
+        """What the stock plugin's transport adds to stderr when a command
+        with a tty ends (see mitogen_ssh)."""
+        return b""
 
     def _strip_become(self, stdout: bytes, stderr: bytes) -> tuple[bytes, bytes]:
         """Drop the become plugin's success line, as the ssh plugin does,
