@@ -45,7 +45,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -353,22 +352,17 @@ class ConnectionService(DeduplicatingService):
 class MuxServer:
     """Router, pool and listening socket of the mux process."""
 
-    def __init__(self, directory: Optional[str] = None,
-                 listening: Optional[socket.socket] = None) -> None:
-        """Listen on ``directory/mux.sock`` (a new private directory by
-        default), or serve ``listening``, a socket the caller bound there."""
-        self.directory = directory or tempfile.mkdtemp(prefix="msvc-mux-")
-        os.chmod(self.directory, 0o700)
+    def __init__(self, directory: str, listening: socket.socket) -> None:
+        """Serve ``listening``, the socket our parent bound and listens on at
+        ``directory/mux.sock`` (``directory``: private, 0700, removed at
+        :meth:`stop`)."""
+        self.directory = directory
         self.path = os.path.join(self.directory, SOCKET_NAME)
         self.router = Router(name="mux")
         files = FileService(self.router)
         self.connections = ConnectionService(self.router, files)
         self.pool = Pool(self.router, [files, JobResultService(self.router), self.connections],
                          size=POOL_SIZE)
-        if listening is None:
-            listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listening.bind(self.path)
-            listening.listen(128)
         self._sock = listening
         self._stopping = False
         self._thread = threading.Thread(target=self._accept_loop, name="mux.accept", daemon=True)

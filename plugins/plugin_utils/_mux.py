@@ -161,7 +161,7 @@ def client() -> Client:
     """The Client of this process, connected on first use.
 
     Raises:
-        OSError / ConnectionError: the mux cannot be reached.
+        ConnectionError: the mux cannot be reached.
     """
     with _lock:
         cur = _state["client"]

@@ -189,15 +189,8 @@ class WakeOnResult:
         self._msvc_wake = threading.Event()
         with self._results_lock:  # the results thread already runs
             self._results = _WakingDeque(self._results, self._msvc_wake)
-        rpc = getattr(self, "_rpc_queue", None)
-        if type(rpc) is queue.Queue:
-            waking = _WakingQueue(self._msvc_wake)
-            while True:
-                try:
-                    waking.put(rpc.get(block=False))
-                except queue.Empty:
-                    break
-            self._rpc_queue = waking
+        if hasattr(self, "_rpc_queue"):  # ansible-core 2.19+; no worker yet to use it
+            self._rpc_queue = _WakingQueue(self._msvc_wake)
 
     def _wait_on_pending_results(self, iterator: t.Any) -> list[t.Any]:
         ret_results: list[t.Any] = []
