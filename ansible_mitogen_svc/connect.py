@@ -131,12 +131,22 @@ def ssh(router: Router, hostname: str, username: Optional[str] = None, port: Opt
         identity_file: Optional[str] = None, ssh_args: Sequence[str] = (),
         python: str = "python3", password: Optional[str] = None, name: Optional[str] = None,
         extra_modules: Sequence[str] = (), timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        ssh_path: str = "ssh") -> Context:
-    """Start an agent on ``hostname`` through the OpenSSH client."""
+        ssh_path: str = "ssh", single_prompt: bool = False) -> Context:
+    """Start an agent on ``hostname`` through the OpenSSH client.
+
+    With ``password``, ssh prompts on a pty and the password is typed there.
+    A wrong one raises PasswordError ("Incorrect ssh password: <what ssh
+    said>") when ssh prompts again; with ``single_prompt``, ssh is told to
+    prompt once (``NumberOfPasswordPrompts=1``) and then fails by itself
+    (status 255, "Permission denied (...)": a BootstrapError holding its
+    output), as Ansible's ``ssh_askpass`` password mechanism does."""
+    if password is not None and single_prompt:
+        ssh_args = ["-o", "NumberOfPasswordPrompts=1"] + list(ssh_args)
     argv = ssh_argv(hostname, username, port, identity_file, ssh_args, ssh_path,
                     batch=password is None)
     argv.append(" ".join(shlex.quote(a) for a in bootstrap.first_stage_argv(python)))
-    dialog = (Dialog("ssh", password, incorrect=["Permission denied"])
+    dialog = (Dialog("ssh", password, incorrect=[] if single_prompt else ["Permission denied"],
+                     explain=True)
               if password is not None else None)
     ctx, pid = start_child_agent(router, argv, name or "ssh.%s" % hostname, dialog=dialog,
                                  use_tty=dialog is not None, timeout=timeout,

@@ -157,9 +157,10 @@ class ConnectionService(DeduplicatingService):
 
     * ``{"kind": "local", "python": ...}``
     * ``{"kind": "ssh", "host", "ssh_path", "ssh_args" (list), "python",
-      "password", "timeout"}``: ``ssh_args`` already carries port, user,
-      key and every other option, so two specs differing in any of them are
-      two routes.
+      "password", "single_prompt", "timeout"}``: ``ssh_args`` already
+      carries port, user, key and every other option, so two specs differing
+      in any of them are two routes (``single_prompt``: see
+      :func:`connect.ssh`).
 
     Become: ``spec["chain"]`` is a list of hops (see :mod:`connect`), each
     agent started by the previous one (e.g. sudo to root, then su to
@@ -345,7 +346,8 @@ class ConnectionService(DeduplicatingService):
                                password=spec.get("password"),
                                name="ssh.%s" % spec["host"], extra_modules=AGENT_MODULES,
                                timeout=timeout + SSH_BOOTSTRAP_ALLOWANCE,
-                               ssh_path=str(spec.get("ssh_path") or "ssh"))
+                               ssh_path=str(spec.get("ssh_path") or "ssh"),
+                               single_prompt=bool(spec.get("single_prompt")))
         raise ValueError("unknown route kind %r" % (kind,))
 
 

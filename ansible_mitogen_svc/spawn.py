@@ -67,27 +67,35 @@ class Dialog:
             it should match only at the end (``\\s*$``). Default: anything
             ending in "password:".
         incorrect, missing: texts meaning a wrong / a required password.
+        explain: "Incorrect" errors go on with what the tool said after
+            the password was typed ("Incorrect ssh password: Permission
+            denied, please try again.").
     """
 
     def __init__(self, label: str, password: Optional[str] = None,
                  prompt: Optional[str] = None, incorrect: Sequence[str] = (),
-                 missing: Sequence[str] = ()) -> None:
+                 missing: Sequence[str] = (), explain: bool = False) -> None:
         self.label = label
         self.password = password
         self.prompt = re.compile(prompt or PASSWORD_PROMPT)
         self.incorrect = [t for t in incorrect if t]
         self.missing = [t for t in missing if t]
+        self.explain = explain
         self.answered = False
         self._seen = bytearray()  # since the last answer
 
-    def _fail(self, what: str) -> PasswordError:
-        return PasswordError("%s %s password" % (what, self.label))
+    def _fail(self, what: str, said: str = "") -> PasswordError:
+        m = self.prompt.search(said) if self.explain else None
+        if m:  # the new prompt's line is not part of it
+            said = said[:said.rfind("\n", 0, m.start()) + 1]
+        said = said.strip() if self.explain else ""
+        return PasswordError("%s %s password%s" % (what, self.label, ": " + said if said else ""))
 
     def _check(self, text: str) -> None:
         if any(t in text for t in self.missing):
             raise self._fail("Missing")
         if self.answered and any(t in text for t in self.incorrect):
-            raise self._fail("Incorrect")
+            raise self._fail("Incorrect", text)
 
     def feed(self, data: bytes) -> bytes:
         """The pty said ``data``; returns the bytes to type (may be b"")."""
@@ -98,7 +106,7 @@ class Dialog:
         if not self.prompt.search(text):
             return b""
         if self.answered:
-            raise self._fail("Incorrect")  # prompted again
+            raise self._fail("Incorrect", text)  # prompted again
         if self.password is None:
             raise self._fail("Missing")
         self.answered = True
@@ -187,6 +195,7 @@ def _handshake(sp: Spawned, payload: bytes, name: str, dialog: Optional[Dialog],
                 answer = dialog.feed(chunk) if dialog is not None else b""
                 if answer:
                     os.write(sp.diag_fd, answer)
+                    _drop_prompt(diag, dialog.prompt)  # type: ignore[union-attr]
         if data_fd in r:
             chunk = _read(data_fd)
             if chunk is None:
@@ -212,6 +221,15 @@ def _handshake(sp: Spawned, payload: bytes, name: str, dialog: Optional[Dialog],
             if len(out) > MAX_DIAG:
                 raise BootstrapError("%s: %d bytes of output without a handshake: %s"
                                      % (name, len(out), _show(diag, out, secret)))
+
+
+def _drop_prompt(diag: bytearray, prompt: "re.Pattern[str]") -> None:
+    """Forget the line of a prompt just answered: it is not the tool's
+    output (Ansible's ssh_askpass never shows ssh's prompt either)."""
+    tail = bytes(diag[-4096:]).decode("latin-1")
+    m = prompt.search(tail)
+    if m:
+        del diag[len(diag) - len(tail) + tail.rfind("\n", 0, m.start()) + 1:]
 
 
 def _read(fd: int) -> Optional[bytes]:

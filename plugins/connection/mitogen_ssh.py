@@ -55,6 +55,27 @@ DOCUMENTATION = """
           - name: ansible_ssh_pass
           - name: ansible_ssh_password
         version_added: 0.1.0
+      password_mechanism:
+        description:
+          - How a wrong O(password) is reported, as with the stock plugin.
+            The password is always typed on a pty when ssh prompts; no
+            C(sshpass) or askpass program is needed.
+          - V(ssh_askpass) (the default on ansible-core 2.19 and later) lets
+            ssh prompt once (C(NumberOfPasswordPrompts=1)) and reports ssh's
+            own error (C(Permission denied)).
+          - V(sshpass) (the default before 2.19) fails with
+            C(Invalid/incorrect password) when ssh prompts again.
+          - V(disable) gives ssh no password.
+        type: string
+        choices: [ssh_askpass, sshpass, disable]
+        env:
+          - name: ANSIBLE_SSH_PASSWORD_MECHANISM
+        ini:
+          - section: ssh_connection
+            key: password_mechanism
+        vars:
+          - name: ansible_ssh_password_mechanism
+        version_added: 0.1.0
       ssh_args:
         description: Arguments given to every ssh invocation.
         type: string
@@ -217,10 +238,12 @@ import subprocess
 import typing as t
 
 from ansible.module_utils.common.text.converters import to_text
+from ansible.release import __version__ as _core_version
 
 from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (AgentConnection,
                                                                               display)
 
+_CORE_VERSION = tuple(int(p) for p in _core_version.split(".")[:2])
 # Options whose effect the persistent agent replaces; kept out of ssh's argv.
 _DROPPED_SSH_OPTIONS = ("controlmaster", "controlpersist", "controlpath")
 #: ssh's log levels at which it says so when a session with a tty ends.
@@ -284,9 +307,20 @@ class Connection(AgentConnection):
             args += self._split_ssh_args(self.get_option(name) or "")
         return args
 
-    def _route_spec(self) -> dict[str, t.Any]:
+    def _password(self) -> str | None:
         password = self.get_option("password")
-        password = to_text(password) if password else None
+        if not password or self._password_mechanism() == "disable":
+            return None
+        return to_text(password)
+
+    def _password_mechanism(self) -> str:
+        # The stock plugin's default: ssh_askpass from ansible-core 2.19,
+        # sshpass before (which had no such option).
+        return to_text(self.get_option("password_mechanism")
+                       or ("sshpass" if _CORE_VERSION < (2, 19) else "ssh_askpass"))
+
+    def _route_spec(self) -> dict[str, t.Any]:
+        password = self._password()
         return {
             "kind": "ssh",
             "host": self._describe_host(),
@@ -294,6 +328,7 @@ class Connection(AgentConnection):
             "ssh_args": self._ssh_options(password),
             "python": agent_python(self.get_option("agent_python")),
             "password": password,
+            "single_prompt": password is not None and self._password_mechanism() != "sshpass",
             "timeout": int(self.get_option("timeout")),
         }
 
@@ -347,9 +382,8 @@ class Connection(AgentConnection):
         cached = getattr(self, "_ssh_g", None)
         if cached is not None:
             return t.cast("dict[str, str]", cached)
-        password = self.get_option("password")
         args = (self._split_ssh_args(self.get_option("ssh_args") or "")
-                + self._ssh_options(to_text(password) if password else None))
+                + self._ssh_options(self._password()))
         conf: dict[str, str] = {}
         try:
             out = subprocess.run([to_text(self.get_option("ssh_executable") or "ssh"), "-G"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import typing as t
 
-from ansible.errors import AnsibleError
+from ansible.errors import AnsibleConnectionFailure, AnsibleError
 
 from ansible.utils.display import Display
 
@@ -66,6 +66,14 @@ def _mixed_class(base: type) -> type:
             try:
                 return super()._low_level_execute_command(cmd, sudoable, in_data, executable,
                                                           *args, **kwargs)
+            except AnsibleConnectionFailure as exc:
+                # Vanilla sends stdin with the command only when it pipelines
+                # (a module otherwise goes first to a temp dir it has to make).
+                if (in_data and isinstance(conn, AgentConnection)
+                        and (not _payload.is_wrapper(in_data)
+                             or (self._vanilla_pipelines() and not self._task.async_val))):
+                    raise conn.data_not_sent(exc) from None
+                raise
             finally:
                 if isinstance(conn, AgentConnection):
                     conn.expect_module(None, None)

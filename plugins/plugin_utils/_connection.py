@@ -17,7 +17,8 @@ import re
 import shlex
 import typing as t
 
-from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.errors import (AnsibleAuthenticationFailure, AnsibleConnectionFailure, AnsibleError,
+                            AnsibleFileNotFound)
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
@@ -37,6 +38,8 @@ _UNREACHABLE_TYPES = (_BOOTSTRAP_ERROR, _PASSWORD_ERROR)
 _NO_PYTHON = re.compile(r"status 127\b|\b127\)|not found|No such file or directory")
 _SSH_FAILED = re.compile(r"process exited \(status 255\) before the handshake; output: (.*)$",
                          re.S)
+#: ssh prompted again for its password: what it said in between.
+_SSH_WRONG_PASSWORD = re.compile(r"Incorrect ssh password(?:: (.*))?$", re.S)
 #: Files up to this size travel inline in one call; bigger ones stream
 #: from the mux's FileService (windowed, so memory stays bounded).
 INLINE_FILE_LIMIT = 1024 * 1024
@@ -98,13 +101,35 @@ class AgentConnection(ConnectionBase):
 
     # -- plumbing ------------------------------------------------------------
     def _connect_failure(self, exc: t.Any) -> AnsibleConnectionFailure:
+        """The error vanilla raises when it cannot log in (as with its
+        ``_handle_error``); ssh's own failure keeps what ssh said in
+        ``msvc_ssh_stderr``, for :func:`data_not_sent`."""
         text = str(exc)
+        wrong = _SSH_WRONG_PASSWORD.match(text)
+        if wrong and self._transport_word == "ssh":
+            # ssh prompted again (password_mechanism=sshpass): sshpass's 5.
+            return AnsibleAuthenticationFailure("Invalid/incorrect password: %s"
+                                                % (wrong.group(1) or ""))
         # ssh itself failed (its status 255): say what it said, as vanilla does.
         m = _SSH_FAILED.search(text)
         if m:
             text = ast.literal_eval(m.group(1)) if m.group(1) != "(none)" else ""
-        return AnsibleConnectionFailure("Failed to connect to the host via %s: %s"
-                                        % (self._transport_word, text))
+            text = text.replace("\r\r\n", "\r\n")  # ssh's lines through a pty
+        failure = AnsibleConnectionFailure("Failed to connect to the host via %s: %s"
+                                           % (self._transport_word, text))
+        if m:
+            failure.msvc_ssh_stderr = text  # type: ignore[attr-defined]
+        return failure
+
+    def data_not_sent(self, failure: AnsibleConnectionFailure) -> AnsibleConnectionFailure:
+        """``failure`` as vanilla words it when ssh fails while a command's
+        stdin was being sent (a pipelined module): ssh's output as it was."""
+        said = getattr(failure, "msvc_ssh_stderr", None)
+        if said is None:
+            return failure
+        return AnsibleConnectionFailure(
+            'Data could not be sent to remote host "%s". Make sure this host can be reached '
+            "over ssh: %s" % (self._describe_host(), said + "\r\n" if said else ""))
 
     def _raise_if_mux_lost(self, exc: BaseException) -> None:
         if self._client is not None and self._client.mux_lost():

@@ -165,6 +165,7 @@ GROUPS: Tuple[Group, ...] = (
                        "s45_handlers", "s46_include_import", "s47_loops", "s51_registered",
                        "s54_errors", "s55_blocks", "s44_any_errors_fatal"), rc=2),
     Group("unreachable", ("s53_ignore_unreachable", "s52_unreachable"), rc=4, smoke=True),
+    Group("ssh-password", ("s60_ssh_password",), env=(("ANSIBLE_PIPELINING", "True"),)),
     Group("tags", ("s48_tags",), args=("--tags", "msvc_t1", "--skip-tags", "msvc_skip")),
     Group("check", ("s49_check_cli",), args=("--check",)),
     Group("diff", ("s50_diff_cli",), args=("--diff",)),
@@ -238,6 +239,14 @@ class ScenarioEnv:
             kv.update(over)
             return {k: v for k, v in kv.items() if v is not None}
 
+        def pw_login(host: Any, password: str) -> Dict[str, Any]:
+            # msvc-alice by password only (no other scenario logs in as
+            # her there: a vanilla ControlMaster would stand in).
+            return conn(host, ansible_user="msvc-alice", ansible_password=password,
+                        ansible_ssh_private_key_file=None,
+                        ansible_ssh_common_args=AnsibleEnv.common_args(host)
+                        + " -o PubkeyAuthentication=no")
+
         inv = ["[alice]", line("alice1", **conn(h1, ansible_user="msvc-alice"))]
         inv += ["", "[fleet]"]
         inv += [line("fleet%02d" % i, **conn(testbed.hosts[i % 4])) for i in range(1, 11)]
@@ -257,6 +266,8 @@ class ScenarioEnv:
                                         ansible_ssh_common_args=None),
                      msvc_common_args=AnsibleEnv.common_args(h3), msvc_key=h3.key_path),
                 line("deadhost", **conn(h1, ansible_port=closed_port)),
+                line("pwlogin", **pw_login(h3, "alice-pw")),
+                line("badpwlogin", **pw_login(h4, "wrong-pw")),
                 line("silenthost", **conn(h2, ansible_port=silent_port))]
         self.ansible = AnsibleEnv(root / "ansible", testbed, "\n".join(inv))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ansible_mitogen_svc import PasswordError
-from ansible_mitogen_svc.spawn import Dialog, prompt_pattern
+from ansible_mitogen_svc.spawn import Dialog, _drop_prompt, prompt_pattern
 
 SUDO = r"\[sudo via ansible, key=k\] password:\s*$"
 
@@ -56,6 +56,30 @@ def test_default_and_named_prompts() -> None:
     assert Dialog("ssh", "pw").feed(b"alice@host's password: ") == b"pw\n"
     named = Dialog("sudo", "pw", prompt_pattern("Enter secret> "))
     assert named.feed(b"Enter secret> ") == b"pw\n"
+
+
+def test_explain_keeps_what_the_tool_said_not_the_new_prompt() -> None:
+    d = Dialog("ssh", "pw", explain=True)
+    assert d.feed(b"alice@h's password: ") == b"pw\n"
+    with pytest.raises(PasswordError) as exc:
+        d.feed(b"\r\nPermission denied, please try again.\r\r\nalice@h's password: ")
+    assert str(exc.value) == "Incorrect ssh password: Permission denied, please try again."
+    quiet = Dialog("ssh", "pw")
+    quiet.feed(b"password: ")
+    with pytest.raises(PasswordError, match=r"^Incorrect ssh password$"):
+        quiet.feed(b"Permission denied\r\npassword: ")
+
+
+def test_an_answered_prompt_leaves_the_diagnostics() -> None:
+    diag = bytearray(b"Warning: added host key.\r\nalice@h's password: ")
+    _drop_prompt(diag, Dialog("ssh", "pw").prompt)
+    assert bytes(diag) == b"Warning: added host key.\r\n"
+    diag = bytearray(b"[sudo] password for alice: ")
+    _drop_prompt(diag, Dialog("sudo", "pw").prompt)
+    assert bytes(diag) == b""
+    diag = bytearray(b"no prompt here\n")
+    _drop_prompt(diag, Dialog("sudo", "pw").prompt)
+    assert bytes(diag) == b"no prompt here\n"
 
 
 def test_ready_line_round_trip() -> None:
