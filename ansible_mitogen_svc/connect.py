@@ -140,8 +140,8 @@ def ssh(router: Router, hostname: str, username: Optional[str] = None, port: Opt
     prompt once (``NumberOfPasswordPrompts=1``) and then fails by itself
     (status 255, "Permission denied (...)": a BootstrapError holding its
     output), as Ansible's ``ssh_askpass`` password mechanism does."""
-    if password is not None and single_prompt:
-        ssh_args = ["-o", "NumberOfPasswordPrompts=1"] + list(ssh_args)
+    if password is not None and single_prompt:  # after ssh_args: theirs win (ssh takes the first)
+        ssh_args = list(ssh_args) + ["-o", "NumberOfPasswordPrompts=1"]
     argv = ssh_argv(hostname, username, port, identity_file, ssh_args, ssh_path,
                     batch=password is None)
     argv.append(" ".join(shlex.quote(a) for a in bootstrap.first_stage_argv(python)))

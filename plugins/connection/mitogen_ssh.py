@@ -191,6 +191,46 @@ DOCUMENTATION = """
           - name: private_key_file
             option: '--private-key'
         version_added: 0.1.0
+      private_key:
+        description:
+          - Private key contents in PEM format (ansible-core 2.19 and later;
+            ignored before). As with the stock plugin, the key is added to
+            the ssh-agent Ansible uses (C(SSH_AGENT)) and ssh is told to use
+            only it; it wins over O(private_key_file).
+        type: string
+        env:
+          - name: ANSIBLE_PRIVATE_KEY
+        vars:
+          - name: ansible_private_key
+          - name: ansible_ssh_private_key
+        version_added: 0.1.0
+      private_key_passphrase:
+        description: Passphrase of O(private_key).
+        type: string
+        env:
+          - name: ANSIBLE_PRIVATE_KEY_PASSPHRASE
+        vars:
+          - name: ansible_private_key_passphrase
+          - name: ansible_ssh_private_key_passphrase
+        version_added: 0.1.0
+      reconnection_retries:
+        description:
+          - How many more times to try a login that ssh itself failed (its
+            status 255), as the stock plugin does, pausing 0, 1, 3, 7...
+            (at most 30) seconds in between. Commands then run through the
+            agent, so there is nothing else to retry.
+        type: integer
+        default: 0
+        env:
+          - name: ANSIBLE_SSH_RETRIES
+        ini:
+          - section: connection
+            key: retries
+          - section: ssh_connection
+            key: retries
+        vars:
+          - name: ansible_ssh_retries
+        version_added: 0.1.0
       timeout:
         description: Seconds to wait for the connection (ssh C(ConnectTimeout)).
         type: integer
@@ -235,8 +275,10 @@ DOCUMENTATION = """
 
 import os
 import subprocess
+import time
 import typing as t
 
+from ansible.errors import AnsibleAuthenticationFailure, AnsibleConnectionFailure
 from ansible.module_utils.common.text.converters import to_text
 from ansible.release import __version__ as _core_version
 
@@ -292,8 +334,11 @@ class Connection(AgentConnection):
         port = self.get_option("port")
         if port:
             args += ["-o", "Port=%d" % int(port)]
+        in_agent = self._agent_identity()
         key = self.get_option("private_key_file")
-        if key:
+        if in_agent:
+            args += ["-o", "IdentitiesOnly=yes", "-o", 'IdentityFile="%s"' % in_agent]
+        elif key:
             args += ["-o", 'IdentityFile="%s"' % os.path.expanduser(to_text(key))]
         if not password:
             args += ["-o", "KbdInteractiveAuthentication=no",
@@ -306,6 +351,24 @@ class Connection(AgentConnection):
         for name in ("ssh_common_args", "ssh_extra_args"):
             args += self._split_ssh_args(self.get_option(name) or "")
         return args
+
+    def _agent_identity(self) -> str | None:
+        """With ``private_key``: the stock plugin adds it to Ansible's
+        ssh-agent (its ``_populate_agent``, ansible-core 2.19+) and gives the
+        public key's file, which ssh then uses as its only identity."""
+        if not self.get_option("private_key"):
+            return None
+        cached = getattr(self, "_agent_pubkey", None)
+        if cached is None:
+            populate = getattr(self._vanilla_connection(), "_populate_agent", None)
+            if populate is None:  # ansible-core 2.18: no such option
+                return None
+            try:
+                cached = self._agent_pubkey = str(populate())
+            except Exception as exc:
+                raise AnsibleAuthenticationFailure(
+                    "Failed to add configured private key into ssh-agent.") from exc
+        return t.cast(str, cached)
 
     def _password(self) -> str | None:
         password = self.get_option("password")
@@ -336,7 +399,22 @@ class Connection(AgentConnection):
         if not self._connected:
             display.vvv("ESTABLISH MITOGEN_SSH CONNECTION FOR USER: %s"
                         % self.get_option("remote_user"), host=self._describe_host())
-        super()._connect()
+        # A failure is_pipelining_enabled() saw was already retried: the base
+        # class raises it again.
+        retries = (0 if self._deferred_failure is not None
+                   else int(self.get_option("reconnection_retries") or 0))
+        for attempt in range(retries + 1):
+            try:
+                super()._connect()
+                return self
+            except AnsibleConnectionFailure as exc:
+                if attempt == retries or getattr(exc, "msvc_ssh_stderr", None) is None:
+                    raise
+                pause = min(2 ** attempt - 1, 30)
+                display.vv("ssh_retry: attempt: %d, ssh return code is 255. cmd (%s...), "
+                           "pausing for %d seconds" % (attempt + 1, self.get_option("ssh_executable")
+                                                       or "ssh", pause), host=self._describe_host())
+                time.sleep(pause)
         return self
 
     def _vanilla_connection(self) -> t.Any:

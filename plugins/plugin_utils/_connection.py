@@ -70,6 +70,10 @@ class AgentConnection(ConnectionBase):
         self._fallback: ConnectionBase | None = None
         # The mux's answer to "get", while it has not been collected.
         self._pending: tuple[t.Any, float, dict[str, t.Any]] | None = None
+        # A failed connect that is_pipelining_enabled() saw: the next
+        # _connect() raises it rather than logging in again (vanilla tries
+        # once per command: a wrong password must not count twice).
+        self._deferred_failure: AnsibleError | None = None
         self._var_options: t.Any = None
         self._module: dict[str, t.Any] | None = None
         # build_become_command() output -> its input, for the last few calls.
@@ -156,6 +160,9 @@ class AgentConnection(ConnectionBase):
     def _connect(self) -> "AgentConnection":
         if self._connected and (self._agent_id is not None or self._fallback is not None):
             return self
+        if self._deferred_failure is not None:
+            failure, self._deferred_failure = self._deferred_failure, None
+            raise failure
         try:
             self._start_connect()
             assert self._pending is not None
@@ -233,8 +240,8 @@ class AgentConnection(ConnectionBase):
                 return ours
         try:
             self._connect()
-        except AnsibleError:
-            pass  # the first command reports it
+        except AnsibleError as exc:
+            self._deferred_failure = exc  # the first command reports it
         if self._fallback is not None:
             return bool(self._fallback.is_pipelining_enabled(wrap_async))
         return bool(super().is_pipelining_enabled(wrap_async))
@@ -495,6 +502,7 @@ class AgentConnection(ConnectionBase):
             self._fallback.close()
             self._fallback = None
         self._pending = None
+        self._deferred_failure = None
         self._agent_id = None
         self._connected = False
 

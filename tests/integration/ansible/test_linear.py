@@ -188,3 +188,56 @@ def test_fresh_agent_gets_the_module_with_the_first_call(ansible_env: AnsibleEnv
         mine = [c for c in counters[host.name] if c["name"] == name]
         assert len(mine) == 1, counters[host.name]
         assert (mine[0]["messages_out"], mine[0]["messages_in"]) == (1, 1), mine[0]
+
+
+class _DropListener:
+    """A TCP port that accepts and at once closes every connection (ssh
+    then fails with status 255), counting them."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_login_attempts_match_vanilla(ansible_env: AnsibleEnv, testbed: Any,
+                                      retries: int) -> None:
+    """As many logins as vanilla: one per module task (a failure seen while
+    the module was built is not tried again), and ``reconnection_retries``
+    (``ansible_ssh_retries``) more when ssh itself fails (status 255)."""
+    counts, messages = {}, {}
+    for strategy in ("linear", MITOGEN):
+        listener = _DropListener()
+        try:
+            run = run_playbook(ansible_env, "login_attempts.yml", strategy,
+                               "attempts%d_%s" % (retries, strategy.replace(".", "_")),
+                               extra_vars={"target": testbed.hosts[0].name,
+                                           "drop_port": str(listener.port),
+                                           "retries": str(retries)})
+        finally:
+            listener.close()
+        assert run.rc == 0, _describe(run)
+        (result,) = run.results
+        assert result["status"] == "unreachable", result
+        counts[strategy] = listener.accepted
+        messages[strategy] = result["result"]["msg"].replace(str(listener.port), "PORT")
+    assert counts == {"linear": retries + 1, MITOGEN: retries + 1}
+    assert messages[MITOGEN] == messages["linear"]

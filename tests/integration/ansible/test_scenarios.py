@@ -147,6 +147,13 @@ def _needs_py38() -> Optional[str]:
     return None
 
 
+def _needs_219() -> Optional[str]:
+    if ansible_version() < (2, 19):
+        return "ansible-core %s has no private_key option" % (
+            ".".join(map(str, ansible_version())))
+    return None
+
+
 GROUPS: Tuple[Group, ...] = (
     Group("connection", ("s01_conn_port", "s02_conn_user", "s03_conn_private_key",
                          "s04_conn_ssh_args", "s05_conn_timeout", "s06_reset_connection")),
@@ -166,6 +173,8 @@ GROUPS: Tuple[Group, ...] = (
                        "s54_errors", "s55_blocks", "s44_any_errors_fatal"), rc=2),
     Group("unreachable", ("s53_ignore_unreachable", "s52_unreachable"), rc=4, smoke=True),
     Group("ssh-password", ("s60_ssh_password",), env=(("ANSIBLE_PIPELINING", "True"),)),
+    Group("key-content", ("s61_private_key_content",), env=(("ANSIBLE_SSH_AGENT", "auto"),),
+          only_if=(("s61_private_key_content", _needs_219),)),
     Group("tags", ("s48_tags",), args=("--tags", "msvc_t1", "--skip-tags", "msvc_skip")),
     Group("check", ("s49_check_cli",), args=("--check",)),
     Group("diff", ("s50_diff_cli",), args=("--diff",)),
@@ -268,6 +277,9 @@ class ScenarioEnv:
                 line("deadhost", **conn(h1, ansible_port=closed_port)),
                 line("pwlogin", **pw_login(h3, "alice-pw")),
                 line("badpwlogin", **pw_login(h4, "wrong-pw")),
+                line("keycontent", **conn(h4, ansible_user="msvc-bob",
+                                          ansible_ssh_private_key_file=None),
+                     msvc_key=h4.key_path, msvc_wrong_key=self.wrong_key),
                 line("silenthost", **conn(h2, ansible_port=silent_port))]
         self.ansible = AnsibleEnv(root / "ansible", testbed, "\n".join(inv))
 
