@@ -145,8 +145,8 @@ class AgentConnection(ConnectionBase):
     def _start_connect(self) -> None:
         """Ask the mux for our agent without waiting for the answer (the
         mux starts it if need be); :meth:`_connect` collects it."""
-        if self._pending is not None or (self._connected and (
-                self._agent_id is not None or self._fallback is not None)):
+        if self._pending is not None or self._deferred_failure is not None or (
+                self._connected and (self._agent_id is not None or self._fallback is not None)):
             return
         spec = self._route_spec()
         timeout = float(spec.get("timeout") or 30) + 60.0

@@ -191,29 +191,39 @@ def test_fresh_agent_gets_the_module_with_the_first_call(ansible_env: AnsibleEnv
 
 
 class _DropListener:
-    """A TCP port that accepts and at once closes every connection (ssh
-    then fails with status 255), counting them."""
+    """A TCP port that closes every connection once the client said hello
+    (ssh then fails with status 255), counting them."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str) -> None:
         import socket
         import threading
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((address, 0))
         self.sock.listen(16)
+        self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
+            except OSError:  # timeout: look at the flag again
+                continue
             self.accepted += 1
+            conn.settimeout(5.0)
+            try:  # read ssh's banner: closing with unread data would reset
+                conn.recv(4096)
+            except OSError:
+                pass
             conn.close()
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
         self.sock.close()
 
 
@@ -225,7 +235,7 @@ def test_login_attempts_match_vanilla(ansible_env: AnsibleEnv, testbed: Any,
     (``ansible_ssh_retries``) more when ssh itself fails (status 255)."""
     counts, messages = {}, {}
     for strategy in ("linear", MITOGEN):
-        listener = _DropListener()
+        listener = _DropListener(testbed.hosts[0].address)
         try:
             run = run_playbook(ansible_env, "login_attempts.yml", strategy,
                                "attempts%d_%s" % (retries, strategy.replace(".", "_")),
