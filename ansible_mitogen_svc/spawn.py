@@ -85,10 +85,10 @@ class Dialog:
         self._seen = bytearray()  # since the last answer
 
     def _fail(self, what: str, said: str = "") -> PasswordError:
-        m = self.prompt.search(said) if self.explain else None
-        if m:  # the new prompt's line is not part of it
-            said = said[:said.rfind("\n", 0, m.start()) + 1]
-        said = said.strip() if self.explain else ""
+        if self.explain:  # what the tool said, not the new prompt's line
+            said = said[:_prompt_line(said, self.prompt)].strip()
+        else:
+            said = ""
         return PasswordError("%s %s password%s" % (what, self.label, ": " + said if said else ""))
 
     def _check(self, text: str) -> None:
@@ -223,13 +223,18 @@ def _handshake(sp: Spawned, payload: bytes, name: str, dialog: Optional[Dialog],
                                      % (name, len(out), _show(diag, out, secret)))
 
 
+def _prompt_line(text: str, prompt: "re.Pattern[str]") -> int:
+    """Where the line of the prompt ending ``text`` starts (``len(text)``
+    when no prompt ends it)."""
+    m = prompt.search(text)
+    return len(text) if m is None else text.rfind("\n", 0, m.start()) + 1
+
+
 def _drop_prompt(diag: bytearray, prompt: "re.Pattern[str]") -> None:
     """Forget the line of a prompt just answered: it is not the tool's
     output (Ansible's ssh_askpass never shows ssh's prompt either)."""
-    tail = bytes(diag[-4096:]).decode("latin-1")
-    m = prompt.search(tail)
-    if m:
-        del diag[len(diag) - len(tail) + tail.rfind("\n", 0, m.start()) + 1:]
+    tail = bytes(diag[-4096:]).decode("latin-1")  # byte offsets = char offsets
+    del diag[len(diag) - len(tail) + _prompt_line(tail, prompt):]
 
 
 def _read(fd: int) -> Optional[bytes]:

@@ -280,12 +280,11 @@ import typing as t
 
 from ansible.errors import AnsibleAuthenticationFailure, AnsibleConnectionFailure
 from ansible.module_utils.common.text.converters import to_text
-from ansible.release import __version__ as _core_version
 
+from ansible_collections.mitogen.svc.plugins.plugin_utils._async import CORE
 from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (AgentConnection,
                                                                               display)
 
-_CORE_VERSION = tuple(int(p) for p in _core_version.split(".")[:2])
 # Options whose effect the persistent agent replaces; kept out of ssh's argv.
 _DROPPED_SSH_OPTIONS = ("controlmaster", "controlpersist", "controlpath")
 #: ssh's log levels at which it says so when a session with a tty ends.
@@ -380,7 +379,7 @@ class Connection(AgentConnection):
         # The stock plugin's default: ssh_askpass from ansible-core 2.19,
         # sshpass before (which had no such option).
         return to_text(self.get_option("password_mechanism")
-                       or ("sshpass" if _CORE_VERSION < (2, 19) else "ssh_askpass"))
+                       or ("sshpass" if CORE < (2, 19) else "ssh_askpass"))
 
     def _route_spec(self) -> dict[str, t.Any]:
         password = self._password()

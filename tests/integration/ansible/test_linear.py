@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, List
@@ -195,8 +197,6 @@ class _DropListener:
     (ssh then fails with status 255), counting them."""
 
     def __init__(self, address: str) -> None:
-        import socket
-        import threading
         self.sock = socket.socket()
         self.sock.bind((address, 0))
         self.sock.listen(16)
