@@ -7,6 +7,7 @@ after :mod:`_compare` removed timing fields.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -172,6 +173,66 @@ def test_lost_mux_fails_tasks_cleanly(ansible_env: AnsibleEnv, testbed: Any) -> 
         assert "did not answer" in mine[1], out
     assert wait_until(lambda: not agent_pids(testbed)), \
         "agents %s outlived their mux" % agent_pids(testbed)
+
+
+def test_lost_agent_fails_its_task_and_the_next_reconnects(ansible_env: AnsibleEnv,
+                                                          testbed: Any) -> None:
+    """Agents killed while a task runs: that task is unreachable on every
+    host, with an error naming the host and the lost agent; the next task
+    starts a fresh agent and succeeds. Agents killed between tasks: the next
+    task does not notice. Nothing hangs; no agent is left at the end."""
+    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "agent_lost.yml")]
+    capture = ansible_env.root / "agent_lost.jsonl"
+    if capture.exists():
+        capture.unlink()
+    proc = subprocess.Popen(argv, env=ansible_env.env(MITOGEN, capture),
+                            cwd=str(ansible_env.root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    def running(argv0: bytes) -> int:
+        return sum(1 for host in testbed.hosts for pid in host.process_tree()
+                   if _cmdline(pid) == argv0)
+
+    hosts = len(testbed.hosts)
+    try:
+        assert wait_until(lambda: running(b"sleep\x005\x00") >= hosts, 60.0), \
+            "the second task never started"
+        first = agent_pids(testbed)
+        assert first
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: running(b"sleep\x003\x00") >= hosts, 60.0), \
+            "no task ran after the agents were lost"
+        assert wait_until(lambda: running(b"sleep\x003\x00") == 0, 30.0)
+        time.sleep(1.0)  # the results are back: the pause has begun
+        second = agent_pids(testbed)
+        assert second and not set(first) & set(second)
+        for pid in second:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0, out
+    results = [json.loads(line) for line in capture.read_text().splitlines() if line]
+    by_task: Dict[str, Dict[str, Any]] = {}
+    for entry in results:
+        if entry.get("seq") != "stats":
+            by_task.setdefault(entry["task"], {})[entry["host"]] = entry
+    lost = by_task["the test kills the agents while this runs"]
+    for host in testbed.hosts:
+        assert lost[host.name]["status"] == "unreachable", lost
+        assert ("mitogen.svc agent on %s was lost" % host.address
+                in lost[host.name]["result"]["msg"]), lost
+        for task in ("reconnects after a loss during a task",
+                     "reconnects after a loss between tasks"):
+            assert by_task[task][host.name]["status"] == "ok", by_task[task]
+        assert by_task["reconnects after a loss between tasks"][host.name][
+            "result"]["stdout"] == "again"
+    assert wait_until(lambda: not agent_pids(testbed)), \
+        "agents %s left after ansible-playbook exited" % agent_pids(testbed)
 
 
 def test_fresh_agent_gets_the_module_with_the_first_call(ansible_env: AnsibleEnv,
