@@ -64,6 +64,7 @@ TESTBED_HOSTS = 4
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 MITOGEN_LINEAR = "mitogen.svc.mitogen_linear"
 MITOGEN_FREE = "mitogen.svc.mitogen_free"
+MITOGEN_HOST_PINNED = "mitogen.svc.mitogen_host_pinned"
 #: Seconds one ansible-playbook run of a group may take (generous: the
 #: machine running the suite may be busy with other tests).
 RUN_TIMEOUT = 600.0
@@ -116,6 +117,23 @@ def check_free_runs_ahead(run: Run) -> List[str]:
         return []
     return ["s57: host2's next task started at %s, after host1's wait ended at %s: "
             "the strategy did not let hosts run ahead" % (ahead[0].time(), slow[1].time())]
+
+
+def check_hosts_stay_pinned(run: Run) -> List[str]:
+    """s62: with 2 forks, host3 and host4 began only after host1 or host2
+    had run its last task."""
+    first = _times(run, "s62 first task")
+    last = _times(run, "s62 last task")
+    if len(first) != 4 or not {"host1", "host2"} <= set(last):
+        return ["s62: missing timed results (first task %s, last task %s)" % (
+            sorted(first), sorted(last))]
+    done = min(last[h][1] for h in ("host1", "host2"))
+    early = ["%s at %s" % (h, first[h][0].time()) for h in ("host3", "host4")
+             if first[h][0] < done]
+    if not early:
+        return []
+    return ["s62: %s began before host1 or host2 was done (%s): the strategy did not "
+            "keep hosts pinned" % (", ".join(early), done.time())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +203,9 @@ GROUPS: Tuple[Group, ...] = (
           checks=(check_sleeps_overlap,), parallel=False),
     Group("free", ("s57_free",), strategies=("free", MITOGEN_FREE), ordered=False,
           checks=(check_free_runs_ahead,), parallel=False),
+    Group("host-pinned", ("s62_host_pinned",), strategies=("host_pinned", MITOGEN_HOST_PINNED),
+          env=(("ANSIBLE_FORKS", "2"),), ordered=False, checks=(check_hosts_stay_pinned,),
+          parallel=False),
     Group("interpreters", ("s58_python38", "s59_python313"), smoke=True,
           only_if=(("s58_python38", _needs_py38),)),
 )
