@@ -112,6 +112,28 @@ def test_short_name_through_shim(ansible_env: AnsibleEnv, testbed: Any) -> None:
     assert {r["result"]["stdout"] for r in run.results if r["action"] == "command"} == {"smoke"}
 
 
+def test_plays_with_and_without_the_strategies_mix(ansible_env: AnsibleEnv,
+                                                 testbed: Any) -> None:
+    """One playbook: a mitogen_linear play, a vanilla linear play, a
+    mitogen_free play. Each play connects the way its strategy says (the
+    ESTABLISH lines of -vvv) and every task succeeds."""
+    run = run_playbook(ansible_env, "mixed.yml", "linear", "mixed", args=("-vvv",))
+    assert run.rc == 0, _describe(run)
+    plays = run.proc.stdout.split("\nPLAY [")[1:]
+    assert [p.split("]", 1)[0] for p in plays[:3]] == [
+        "mixed-1 under mitogen_linear", "mixed-2 under vanilla linear",
+        "mixed-3 under mitogen_free"], _describe(run)
+    for play, ours in zip(plays, (True, False, True)):
+        establish = [ln for ln in play.splitlines() if "ESTABLISH" in ln]
+        hosts = {ln.split(">", 1)[0] for ln in establish}
+        assert hosts == {"<%s" % h.address for h in testbed.hosts}, play[:3000]
+        assert all(("MITOGEN_SSH CONNECTION" in ln) == ours for ln in establish), establish
+    assert [(r["task"], r["status"], r["result"]["stdout"]) for r in run.results] == [
+        (task, "ok", out) for task, out in (("mixed-1 task", "one"), ("mixed-2 task", "two"),
+                                            ("mixed-3 task", "three"))
+        for _host in testbed.hosts]
+
+
 def test_sigkill_leaves_nothing(ansible_env: AnsibleEnv, testbed: Any) -> None:
     argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "sleeper.yml")]
     env = ansible_env.env(MITOGEN, ansible_env.root / "sleeper.jsonl")
