@@ -41,7 +41,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import bootstrap
 from .broker import Stream
 from .context import Context, Router
-from .spawn import DEFAULT_CONNECT_TIMEOUT, Dialog, prompt_pattern, start_agent
+from .spawn import (DEFAULT_CONNECT_TIMEOUT, PASSWORD_PROMPT, Dialog, prompt_containing,
+                    prompt_pattern, start_agent)
 from .transport import FdTransport
 
 __all__ = ["local", "ssh", "via", "hop", "fork", "start_child_agent", "start_hop",
@@ -131,7 +132,8 @@ def ssh(router: Router, hostname: str, username: Optional[str] = None, port: Opt
         identity_file: Optional[str] = None, ssh_args: Sequence[str] = (),
         python: str = "python3", password: Optional[str] = None, name: Optional[str] = None,
         extra_modules: Sequence[str] = (), timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        ssh_path: str = "ssh", single_prompt: bool = False) -> Context:
+        ssh_path: str = "ssh", single_prompt: bool = False,
+        prompt: Optional[str] = None) -> Context:
     """Start an agent on ``hostname`` through the OpenSSH client.
 
     With ``password``, ssh prompts on a pty and the password is typed there.
@@ -139,14 +141,18 @@ def ssh(router: Router, hostname: str, username: Optional[str] = None, port: Opt
     said>") when ssh prompts again; with ``single_prompt``, ssh is told to
     prompt once (``NumberOfPasswordPrompts=1``) and then fails by itself
     (status 255, "Permission denied (...)": a BootstrapError holding its
-    output), as Ansible's ``ssh_askpass`` password mechanism does."""
+    output), as Ansible's ``ssh_askpass`` password mechanism does. With
+    ``prompt``, only a prompt whose line contains that text gets the
+    password; ssh's other password prompts get an empty answer (as from an
+    askpass that does not know them)."""
     if password is not None and single_prompt:  # after ssh_args: theirs win (ssh takes the first)
         ssh_args = list(ssh_args) + ["-o", "NumberOfPasswordPrompts=1"]
     argv = ssh_argv(hostname, username, port, identity_file, ssh_args, ssh_path,
                     batch=password is None)
     argv.append(" ".join(shlex.quote(a) for a in bootstrap.first_stage_argv(python)))
     dialog = (Dialog("ssh", password, incorrect=[] if single_prompt else ["Permission denied"],
-                     explain=True)
+                     explain=True, prompt=prompt_containing(prompt) if prompt else None,
+                     decline=PASSWORD_PROMPT if prompt else None)
               if password is not None else None)
     ctx, pid = start_child_agent(router, argv, name or "ssh.%s" % hostname, dialog=dialog,
                                  use_tty=dialog is not None, timeout=timeout,

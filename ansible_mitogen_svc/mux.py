@@ -157,9 +157,9 @@ class ConnectionService(DeduplicatingService):
 
     * ``{"kind": "local", "python": ...}``
     * ``{"kind": "ssh", "host", "ssh_path", "ssh_args" (list), "python",
-      "password", "single_prompt", "timeout"}``: ``ssh_args`` already
+      "password", "single_prompt", "prompt", "timeout"}``: ``ssh_args`` already
       carries port, user, key and every other option, so two specs differing
-      in any of them are two routes (``single_prompt``: see
+      in any of them are two routes (``single_prompt``, ``prompt``: see
       :func:`connect.ssh`).
 
     Become: ``spec["chain"]`` is a list of hops (see :mod:`connect`), each
@@ -347,7 +347,8 @@ class ConnectionService(DeduplicatingService):
                                name="ssh.%s" % spec["host"], extra_modules=AGENT_MODULES,
                                timeout=timeout + SSH_BOOTSTRAP_ALLOWANCE,
                                ssh_path=str(spec.get("ssh_path") or "ssh"),
-                               single_prompt=bool(spec.get("single_prompt")))
+                               single_prompt=bool(spec.get("single_prompt")),
+                               prompt=str(spec["prompt"]) if spec.get("prompt") else None)
         raise ValueError("unknown route kind %r" % (kind,))
 
 

@@ -46,6 +46,12 @@ def _acquire_tty() -> None:
     fcntl.ioctl(2, termios.TIOCSCTTY, 0)
 
 
+def prompt_containing(text: str) -> str:
+    """A pattern matching output whose last line contains ``text`` (as
+    Ansible's askpass and ``sshpass -P`` look for their prompt)."""
+    return r"%s[^\n]*\Z" % re.escape(text)
+
+
 def prompt_pattern(prompt: Optional[str]) -> str:
     """The default prompt pattern, or one that also matches ``prompt``
     literally (e.g. the text given to ``sudo -p``) at the end of output."""
@@ -70,14 +76,22 @@ class Dialog:
         explain: "Incorrect" errors go on with what the tool said after
             the password was typed ("Incorrect ssh password: Permission
             denied, please try again.").
+        decline: regex source of prompts that get an empty answer, as an
+            askpass program that does not know the prompt gives (Ansible's
+            ``sshpass_prompt``: only its prompt gets the password).
     """
 
     def __init__(self, label: str, password: Optional[str] = None,
                  prompt: Optional[str] = None, incorrect: Sequence[str] = (),
-                 missing: Sequence[str] = (), explain: bool = False) -> None:
+                 missing: Sequence[str] = (), explain: bool = False,
+                 decline: Optional[str] = None) -> None:
         self.label = label
         self.password = password
         self.prompt = re.compile(prompt or PASSWORD_PROMPT)
+        self.decline = re.compile(decline) if decline else None
+        #: The pattern of the prompt answered last (its line is dropped
+        #: from diagnostics).
+        self.answered_prompt = self.prompt
         self.incorrect = [t for t in incorrect if t]
         self.missing = [t for t in missing if t]
         self.explain = explain
@@ -104,7 +118,12 @@ class Dialog:
         text = self._seen.decode("utf-8", "replace")
         self._check(text)
         if not self.prompt.search(text):
+            if self.decline is not None and self.decline.search(text):
+                del self._seen[:]
+                self.answered_prompt = self.decline
+                return b"\n"
             return b""
+        self.answered_prompt = self.prompt
         if self.answered:
             raise self._fail("Incorrect", text)  # prompted again
         if self.password is None:
@@ -195,7 +214,7 @@ def _handshake(sp: Spawned, payload: bytes, name: str, dialog: Optional[Dialog],
                 answer = dialog.feed(chunk) if dialog is not None else b""
                 if answer:
                     os.write(sp.diag_fd, answer)
-                    _drop_prompt(diag, dialog.prompt)  # type: ignore[union-attr]
+                    _drop_prompt(diag, dialog.answered_prompt)  # type: ignore[union-attr]
         if data_fd in r:
             chunk = _read(data_fd)
             if chunk is None:
@@ -269,8 +288,13 @@ def _wait(proc: subprocess.Popen) -> Optional[int]:
         return None
 
 
+#: Characters of that output an error shows at most (its end): enough for
+#: what ``ssh -vvv`` says while it fails to log in.
+SHOW_DIAG = 16000
+
+
 def _show(diag: "bytes | bytearray", out: "bytes | bytearray", secret: Optional[str]) -> str:
-    text = (bytes(diag) + bytes(out)).decode("utf-8", "replace").strip()[-2000:]
+    text = (bytes(diag) + bytes(out)).decode("utf-8", "replace").strip()[-SHOW_DIAG:]
     if secret:
         text = text.replace(secret, "********")
     return repr(text) if text else "(none)"

@@ -76,6 +76,41 @@ DOCUMENTATION = """
         vars:
           - name: ansible_ssh_password_mechanism
         version_added: 0.1.0
+      sshpass_prompt:
+        description:
+          - Text of the prompt that gets O(password), as with the stock plugin.
+            Only a prompt whose line contains it is answered with the
+            password; ssh's other password prompts get an empty answer, as
+            from Ansible's askpass helper, so the login fails the way
+            vanilla's does.
+          - Empty (the default) answers any prompt ending in C(password:) or
+            C(passphrase:).
+        type: string
+        default: ''
+        ini:
+          - section: ssh_connection
+            key: sshpass_prompt
+        env:
+          - name: ANSIBLE_SSHPASS_PROMPT
+        vars:
+          - name: ansible_sshpass_prompt
+        version_added: 0.1.0
+      verbosity:
+        description:
+          - Verbosity of the ssh client (C(-v) given this many times), as with
+            the stock plugin of ansible-core 2.19 and later. What ssh says
+            while it logs in is part of the error when the login fails;
+            later lines go to the mux's log (C(MITOGEN_SVC_MUX_LOG_LEVEL=DEBUG)).
+        type: int
+        default: 0
+        ini:
+          - section: ssh_connection
+            key: verbosity
+        env:
+          - name: ANSIBLE_SSH_VERBOSITY
+        vars:
+          - name: ansible_ssh_verbosity
+        version_added: 0.1.0
       ssh_args:
         description: Arguments given to every ssh invocation.
         type: string
@@ -327,7 +362,9 @@ class Connection(AgentConnection):
         return to_text(self.get_option("host") or self._play_context.remote_addr)
 
     def _ssh_options(self, password: str | None) -> list[str]:
-        args = _without_control_options(self._split_ssh_args(self.get_option("ssh_args") or ""))
+        verbosity = int(self.get_option("verbosity") or 0)
+        args = ["-" + "v" * verbosity] if verbosity > 0 else []
+        args += _without_control_options(self._split_ssh_args(self.get_option("ssh_args") or ""))
         if not self.get_option("host_key_checking"):
             args += ["-o", "StrictHostKeyChecking=no"]
         port = self.get_option("port")
@@ -391,6 +428,8 @@ class Connection(AgentConnection):
             "python": agent_python(self.get_option("agent_python")),
             "password": password,
             "single_prompt": password is not None and self._password_mechanism() != "sshpass",
+            "prompt": (to_text(self.get_option("sshpass_prompt") or "") or None
+                       if password is not None else None),
             "timeout": int(self.get_option("timeout")),
         }
 

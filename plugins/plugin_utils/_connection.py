@@ -170,7 +170,10 @@ class AgentConnection(ConnectionBase):
             self._pending = None
             reply = pending.get(timeout)
         except CallError as exc:
-            if exc.type_name == _BOOTSTRAP_ERROR and _NO_PYTHON.search(exc.message):
+            # (ssh's own failure, status 255, may say "not found" too:
+            # e.g. its -v output. That is no missing Python.)
+            if (exc.type_name == _BOOTSTRAP_ERROR and _NO_PYTHON.search(exc.message)
+                    and not _SSH_FAILED.search(exc.message)):
                 fallback = self._vanilla_connection()
                 if fallback is not None:
                     display.vvv("no Python %s on the target (%s): this task runs the vanilla way"

@@ -134,6 +134,30 @@ def test_plays_with_and_without_the_strategies_mix(ansible_env: AnsibleEnv,
         for _host in testbed.hosts]
 
 
+def test_ssh_verbosity_shows_in_a_failed_login(ansible_env: AnsibleEnv, testbed: Any) -> None:
+    """``ansible_ssh_verbosity`` gives ssh that many -v: what it says while it
+    fails to log in (a user sshd refuses) is in the unreachable message, as
+    with vanilla. Its "No such file or directory" lines (known_hosts files)
+    do not make mitogen_ssh take it for a missing Python and run the task
+    the vanilla way."""
+    for strategy in ("linear", MITOGEN):
+        run = run_playbook(ansible_env, "ssh_verbosity.yml", strategy,
+                           "verbosity-" + strategy.replace(".", "_"))
+        assert run.rc == 0, _describe(run)
+        msgs = {r["task"]: r["result"]["msg"] for r in run.results}
+        assert set(msgs) == {"quiet login", "verbose login"}, msgs
+        quiet, verbose = msgs["quiet login"], msgs["verbose login"]
+        for msg in (quiet, verbose):
+            assert "Failed to connect to the host via ssh: " in msg, (strategy, msg)
+            assert msg.rstrip().endswith("Permission denied (publickey,password)."), (strategy,
+                                                                                      msg)
+        assert "debug1:" not in quiet, (strategy, quiet)
+        assert "debug1: Connecting to %s" % testbed.hosts[0].address in verbose, (strategy, verbose)
+        assert "debug2: " in verbose and "No such file or directory" in verbose, (strategy,
+                                                                                  verbose)
+        assert ("auto-mux" in verbose) == (strategy == "linear"), (strategy, verbose)
+
+
 def test_sigkill_leaves_nothing(ansible_env: AnsibleEnv, testbed: Any) -> None:
     argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "sleeper.yml")]
     env = ansible_env.env(MITOGEN, ansible_env.root / "sleeper.jsonl")

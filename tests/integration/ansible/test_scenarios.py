@@ -272,10 +272,10 @@ class ScenarioEnv:
             kv.update(over)
             return {k: v for k, v in kv.items() if v is not None}
 
-        def pw_login(host: Any, password: str) -> Dict[str, Any]:
-            # msvc-alice by password only (no other scenario logs in as
-            # her there: a vanilla ControlMaster would stand in).
-            return conn(host, ansible_user="msvc-alice", ansible_password=password,
+        def pw_login(host: Any, password: str, user: str = "msvc-alice") -> Dict[str, Any]:
+            # By password only (no other scenario logs in as that user
+            # there: a vanilla ControlMaster would stand in).
+            return conn(host, ansible_user=user, ansible_password=password,
                         ansible_ssh_private_key_file=None,
                         ansible_ssh_common_args=AnsibleEnv.common_args(host)
                         + " -o PubkeyAuthentication=no")
@@ -301,6 +301,9 @@ class ScenarioEnv:
                 line("deadhost", **conn(h1, ansible_port=closed_port)),
                 line("pwlogin", **pw_login(h3, "alice-pw")),
                 line("badpwlogin", **pw_login(h4, "wrong-pw")),
+                line("promptlogin", **pw_login(h1, "bob-pw", "msvc-bob"),
+                     ansible_sshpass_prompt="assword"),
+                line("otherprompt", **pw_login(h2, "alice-pw"), ansible_sshpass_prompt="Passcode"),
                 line("keycontent", **conn(h4, ansible_user="msvc-bob",
                                           ansible_ssh_private_key_file=None),
                      msvc_key=h4.key_path, msvc_wrong_key=self.wrong_key),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ansible_mitogen_svc import PasswordError
-from ansible_mitogen_svc.spawn import Dialog, _drop_prompt, prompt_pattern
+from ansible_mitogen_svc.spawn import (PASSWORD_PROMPT, Dialog, _drop_prompt, prompt_containing,
+                                       prompt_pattern)
 
 SUDO = r"\[sudo via ansible, key=k\] password:\s*$"
 
@@ -56,6 +57,22 @@ def test_default_and_named_prompts() -> None:
     assert Dialog("ssh", "pw").feed(b"alice@host's password: ") == b"pw\n"
     named = Dialog("sudo", "pw", prompt_pattern("Enter secret> "))
     assert named.feed(b"Enter secret> ") == b"pw\n"
+
+
+def test_a_prompt_containing_the_text_gets_the_password_others_an_empty_answer() -> None:
+    d = Dialog("ssh", "pw", prompt_containing("Passcode"), decline=PASSWORD_PROMPT)
+    assert d.feed(b"alice@host's password: ") == b"\n"
+    assert d.answered_prompt is d.decline
+    assert not d.answered  # declined: a later prompt is not "prompted again"
+    assert d.feed(b"\r\nPasscode for alice (OTP): ") == b"pw\n"
+    assert d.answered_prompt is d.prompt
+    with pytest.raises(PasswordError, match="^Incorrect ssh password"):
+        d.feed(b"\r\nPasscode for alice (OTP): ")
+    # The text may sit anywhere in the prompt's line, not in earlier lines.
+    assert Dialog("ssh", "pw", prompt_containing("assword")).feed(
+        b"alice@host's password: ") == b"pw\n"
+    assert Dialog("ssh", "pw", prompt_containing("Passcode")).feed(
+        b"Passcode rules apply\nalice@host's password: ") == b""
 
 
 def test_explain_keeps_what_the_tool_said_not_the_new_prompt() -> None:
