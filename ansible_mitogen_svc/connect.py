@@ -150,7 +150,11 @@ def ssh(router: Router, hostname: str, username: Optional[str] = None, port: Opt
     argv = ssh_argv(hostname, username, port, identity_file, ssh_args, ssh_path,
                     batch=password is None)
     argv.append(" ".join(shlex.quote(a) for a in bootstrap.first_stage_argv(python)))
-    dialog = (Dialog("ssh", password, incorrect=[] if single_prompt else ["Permission denied"],
+    # Without single_prompt, a wrong password is one ssh asks for again
+    # (sshpass's status 5); a refused login otherwise (a smart card's wrong
+    # PIN) is ssh's own failure.
+    retry = ["Permission denied, please try again"]
+    dialog = (Dialog("ssh", password, incorrect=[] if single_prompt else retry,
                      explain=True, prompt=prompt_containing(prompt) if prompt else None,
                      decline=PASSWORD_PROMPT if prompt else None)
               if password is not None else None)

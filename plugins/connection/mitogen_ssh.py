@@ -95,6 +95,23 @@ DOCUMENTATION = """
         vars:
           - name: ansible_sshpass_prompt
         version_added: 0.1.0
+      pkcs11_provider:
+        description:
+          - PKCS#11 library of a smart card holding the login key (for example
+            C(/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so)), as with the stock
+            plugin. O(password) is the card's PIN, typed when ssh asks for it
+            (C(Enter PIN for ...), or the prompt in O(sshpass_prompt)); a PIN is
+            required. ssh then logs in by public key only.
+        type: string
+        default: ''
+        ini:
+          - section: ssh_connection
+            key: pkcs11_provider
+        env:
+          - name: ANSIBLE_PKCS11_PROVIDER
+        vars:
+          - name: ansible_ssh_pkcs11_provider
+        version_added: 0.1.0
       verbosity:
         description:
           - Verbosity of the ssh client (C(-v) given this many times), as with
@@ -313,7 +330,7 @@ import subprocess
 import time
 import typing as t
 
-from ansible.errors import AnsibleAuthenticationFailure, AnsibleConnectionFailure
+from ansible.errors import AnsibleAuthenticationFailure, AnsibleConnectionFailure, AnsibleError
 from ansible.module_utils.common.text.converters import to_text
 
 from ansible_collections.mitogen.svc.plugins.plugin_utils._async import CORE
@@ -323,6 +340,9 @@ from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (Ag
 # Options whose effect the persistent agent replaces; kept out of ssh's argv.
 _DROPPED_SSH_OPTIONS = ("controlmaster", "controlpersist", "controlpath")
 #: ssh's log levels at which it says so when a session with a tty ends.
+#: What ssh asks a smart card's PIN with (the stock plugin's default prompt
+#: when pkcs11_provider is set).
+_PKCS11_PROMPT = "Enter PIN for "
 _SSH_CHATTY_LEVELS = ("INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
 
 
@@ -362,8 +382,15 @@ class Connection(AgentConnection):
         return to_text(self.get_option("host") or self._play_context.remote_addr)
 
     def _ssh_options(self, password: str | None) -> list[str]:
+        args = []
+        card = self._pkcs11_provider()
+        if card and password:  # first, as vanilla: ssh takes an option's first value
+            args += ["-o", "KbdInteractiveAuthentication=no",
+                     "-o", "PreferredAuthentications=publickey",
+                     "-o", "PasswordAuthentication=no", "-o", "PKCS11Provider=%s" % card]
         verbosity = int(self.get_option("verbosity") or 0)
-        args = ["-" + "v" * verbosity] if verbosity > 0 else []
+        if verbosity > 0:
+            args.append("-" + "v" * verbosity)
         args += _without_control_options(self._split_ssh_args(self.get_option("ssh_args") or ""))
         if not self.get_option("host_key_checking"):
             args += ["-o", "StrictHostKeyChecking=no"]
@@ -418,8 +445,21 @@ class Connection(AgentConnection):
         return to_text(self.get_option("password_mechanism")
                        or ("sshpass" if CORE < (2, 19) else "ssh_askpass"))
 
+    def _pkcs11_provider(self) -> str:
+        return to_text(self.get_option("pkcs11_provider") or "")
+
+    def _password_prompt(self) -> str | None:
+        """The text of the prompt that gets the password (None: any
+        password prompt); a smart card's PIN prompt by default."""
+        prompt = to_text(self.get_option("sshpass_prompt") or "")
+        if not prompt and self._pkcs11_provider():
+            prompt = _PKCS11_PROMPT
+        return prompt or None
+
     def _route_spec(self) -> dict[str, t.Any]:
         password = self._password()
+        if self._pkcs11_provider() and password is None:
+            raise AnsibleError("to use pkcs11_provider you must specify a password/pin")
         return {
             "kind": "ssh",
             "host": self._describe_host(),
@@ -428,8 +468,7 @@ class Connection(AgentConnection):
             "python": agent_python(self.get_option("agent_python")),
             "password": password,
             "single_prompt": password is not None and self._password_mechanism() != "sshpass",
-            "prompt": (to_text(self.get_option("sshpass_prompt") or "") or None
-                       if password is not None else None),
+            "prompt": self._password_prompt() if password is not None else None,
             "timeout": int(self.get_option("timeout")),
         }
 

@@ -172,6 +172,18 @@ def _needs_219() -> Optional[str]:
     return None
 
 
+#: SoftHSM's PKCS#11 library (Debian's softhsm2, which scripts/testbed-deps.sh
+#: installs): a smart card in software for the pkcs11_provider scenario.
+SOFTHSM_LIB = "/usr/lib/softhsm/libsofthsm2.so"
+CARD_PIN = "4711-pin"
+
+
+def _needs_softhsm() -> Optional[str]:
+    if not os.path.exists(SOFTHSM_LIB) or not shutil.which("softhsm2-util"):
+        return "no SoftHSM (%s) on this machine" % SOFTHSM_LIB
+    return None
+
+
 GROUPS: Tuple[Group, ...] = (
     Group("connection", ("s01_conn_port", "s02_conn_user", "s03_conn_private_key",
                          "s04_conn_ssh_args", "s05_conn_timeout", "s06_reset_connection")),
@@ -196,6 +208,7 @@ GROUPS: Tuple[Group, ...] = (
     Group("key-content", ("s61_private_key_content",),
           env=(("ANSIBLE_SSH_AGENT", "auto"), ("ANSIBLE_LOCAL_TEMP", "/tmp")),
           only_if=(("s61_private_key_content", _needs_219),)),
+    Group("smart-card", ("s63_pkcs11",), only_if=(("s63_pkcs11", _needs_softhsm),)),
     Group("tags", ("s48_tags",), args=("--tags", "msvc_t1", "--skip-tags", "msvc_skip")),
     Group("check", ("s49_check_cli",), args=("--check",)),
     Group("diff", ("s50_diff_cli",), args=("--diff",)),
@@ -240,6 +253,32 @@ def _pyenv_python(version: str) -> Optional[str]:
     return found[-1] if found else None
 
 
+def _smart_card(root: Path, authorized_keys: Path) -> Optional[Dict[str, str]]:
+    """A SoftHSM token under ``root`` holding a new RSA key whose public
+    half is appended to ``authorized_keys``; the environment ssh needs to
+    find the token (None without SoftHSM)."""
+    if _needs_softhsm() is not None:
+        return None
+    (root / "tokens").mkdir(parents=True)
+    conf = root / "softhsm2.conf"
+    conf.write_text("directories.tokendir = %s\n" % (root / "tokens"))
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    key = root / "card-key.pem"
+    for argv in (["softhsm2-util", "--init-token", "--free", "--label", "msvc-card",
+                  "--pin", CARD_PIN, "--so-pin", "so-" + CARD_PIN],
+                 ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                  "-out", str(key)],
+                 ["softhsm2-util", "--import", str(key), "--token", "msvc-card", "--label",
+                  "msvc-login", "--id", "01", "--pin", CARD_PIN]):
+        subprocess.run(argv, env=env, check=True, capture_output=True, timeout=60)
+    key.unlink()
+    public = subprocess.run(["ssh-keygen", "-D", SOFTHSM_LIB], env=env, check=True,
+                            capture_output=True, text=True, timeout=60).stdout
+    with open(authorized_keys, "a") as fp:
+        fp.write(public)
+    return {"SOFTHSM2_CONF": str(conf)}
+
+
 def _ini_value(value: str) -> str:
     return "'%s'" % value if " " in value else value
 
@@ -258,6 +297,8 @@ class ScenarioEnv:
         self.wrong_key = root / "wrong_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "msvc-wrong",
                         "-f", str(self.wrong_key)], check=True, capture_output=True, timeout=30)
+        # Logins by msvc-bob may use the key on this (software) smart card.
+        self.card_env = _smart_card(root / "softhsm", testbed.authorized_keys_dir / "msvc-bob")
         self.py38 = _pyenv_python("3.8")
         self.py313 = _pyenv_python("3.13")
 
@@ -308,6 +349,17 @@ class ScenarioEnv:
                                           ansible_ssh_private_key_file=None),
                      msvc_key=h4.key_path, msvc_wrong_key=self.wrong_key),
                 line("silenthost", **conn(h2, ansible_port=silent_port))]
+        if self.card_env:
+            def card(host: Any, pin: Optional[str]) -> Dict[str, Any]:
+                # IdentitiesOnly would hide the card's key from ssh.
+                return conn(host, ansible_user="msvc-bob", ansible_password=pin,
+                            ansible_ssh_private_key_file=None,
+                            ansible_ssh_pkcs11_provider=SOFTHSM_LIB,
+                            ansible_ssh_common_args=AnsibleEnv.common_args(host).replace(
+                                "-o IdentitiesOnly=yes ", ""))
+            inv += [line("cardlogin", **card(h3, CARD_PIN)),
+                    line("badcard", **card(h2, "0000-pin")),
+                    line("nocard", **card(h4, None))]
         self.ansible = AnsibleEnv(root / "ansible", testbed, "\n".join(inv))
 
         self.data = root / "data"
@@ -400,7 +452,8 @@ def _run_group(env: ScenarioEnv, group: Group, books: List[Path], strategy: str,
     started = time.monotonic()
     run = run_playbook(env.ansible, books, strategy,
                        "%s.%s" % (group.name, tag), extra_vars=env.extra_vars(tag),
-                       timeout=RUN_TIMEOUT, extra_env=dict(group.env), args=group.args)
+                       timeout=RUN_TIMEOUT, extra_env=dict(env.card_env or {}, **dict(group.env)),
+                       args=group.args)
     run.results = substitute(run.results, env.placeholders(tag))
     return run, time.monotonic() - started
 

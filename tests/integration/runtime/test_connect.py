@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from _remote_helpers import AGENT
-from ansible_mitogen_svc import BootstrapError, CallError, Router, call, connect
+from ansible_mitogen_svc import BootstrapError, CallError, PasswordError, Router, call, connect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,3 +68,36 @@ def test_custom_sudo_prompt_is_answered(router: Router, testbed: Any) -> None:
     info = call(second, AGENT, "info")
     import pwd
     assert info["uid"] == pwd.getpwnam(BOB).pw_uid
+
+
+def _ssh_by_password(router: Router, testbed: Any, password: str, **kwargs: Any) -> Any:
+    from tests.lib.testbed import ALICE
+    host = testbed.hosts[0]
+    options = ["-o", "PubkeyAuthentication=no", "-o", "StrictHostKeyChecking=yes",
+               "-o", "UserKnownHostsFile=%s" % host.known_hosts_path, "-o", "LogLevel=ERROR"]
+    return connect.ssh(router, host.address, port=host.port, username=ALICE, ssh_args=options,
+                       python="/usr/bin/python3", password=password, timeout=20, **kwargs)
+
+
+def test_ssh_password_login_and_its_failures(router: Router, testbed: Any) -> None:
+    """ssh's password prompt gets the password; a wrong one is "Incorrect"
+    when ssh asks again, or ssh's own failure with single_prompt; a right
+    one is declined (an empty answer) at a prompt not containing
+    ``prompt``. The password never appears in an error."""
+    from tests.lib.testbed import ALICE_PASSWORD
+    ctx = _ssh_by_password(router, testbed, ALICE_PASSWORD)
+    assert call(ctx, AGENT, "ping") is True
+    ctx = _ssh_by_password(router, testbed, ALICE_PASSWORD, prompt="assword")
+    assert call(ctx, AGENT, "ping") is True
+
+    with pytest.raises(PasswordError) as wrong:
+        _ssh_by_password(router, testbed, "wrong-pw-1")
+    assert str(wrong.value) == "Incorrect ssh password: Permission denied, please try again."
+    with pytest.raises(BootstrapError) as once:
+        _ssh_by_password(router, testbed, "wrong-pw-2", single_prompt=True)
+    assert "(status 255)" in str(once.value) and "Permission denied (" in str(once.value)
+    assert "wrong-pw-2" not in str(once.value)
+    with pytest.raises(BootstrapError) as declined:
+        _ssh_by_password(router, testbed, ALICE_PASSWORD, single_prompt=True, prompt="Passcode")
+    assert "Permission denied (" in str(declined.value)
+    assert ALICE_PASSWORD not in str(declined.value)
