@@ -339,10 +339,10 @@ from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (Ag
 
 # Options whose effect the persistent agent replaces; kept out of ssh's argv.
 _DROPPED_SSH_OPTIONS = ("controlmaster", "controlpersist", "controlpath")
-#: ssh's log levels at which it says so when a session with a tty ends.
 #: What ssh asks a smart card's PIN with (the stock plugin's default prompt
 #: when pkcs11_provider is set).
 _PKCS11_PROMPT = "Enter PIN for "
+#: ssh's log levels at which it says so when a session with a tty ends.
 _SSH_CHATTY_LEVELS = ("INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
 
 
@@ -382,7 +382,7 @@ class Connection(AgentConnection):
         return to_text(self.get_option("host") or self._play_context.remote_addr)
 
     def _ssh_options(self, password: str | None) -> list[str]:
-        args = []
+        args: list[str] = []
         card = self._pkcs11_provider()
         if card and password:  # first, as vanilla: ssh takes an option's first value
             args += ["-o", "KbdInteractiveAuthentication=no",
