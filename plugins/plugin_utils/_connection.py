@@ -511,7 +511,11 @@ class AgentConnection(ConnectionBase):
 
     def reset(self) -> None:
         """Stop the agent; the next task starts a fresh interpreter."""
-        spec = self._route_spec()
+        try:
+            spec = self._route_spec()
+        except AnsibleError:  # settings no agent can have started with
+            self.close()
+            return
         cur = _mux.transient_client()
         if cur is None:
             self.close()
