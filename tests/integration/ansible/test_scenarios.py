@@ -219,7 +219,8 @@ GROUPS: Tuple[Group, ...] = (
     Group("host-pinned", ("s62_host_pinned",), strategies=("host_pinned", MITOGEN_HOST_PINNED),
           env=(("ANSIBLE_FORKS", "2"),), ordered=False, checks=(check_hosts_stay_pinned,),
           parallel=False),
-    Group("interpreters", ("s58_python38", "s59_python313"), smoke=True,
+    Group("interpreters", ("s58_python38", "s59_python313", "s64_interpreter_discovery"),
+          smoke=True,
           only_if=(("s58_python38", _needs_py38),)),
 )
 
@@ -348,7 +349,8 @@ class ScenarioEnv:
                 line("keycontent", **conn(h4, ansible_user="msvc-bob",
                                           ansible_ssh_private_key_file=None),
                      msvc_key=h4.key_path, msvc_wrong_key=self.wrong_key),
-                line("silenthost", **conn(h2, ansible_port=silent_port))]
+                line("silenthost", **conn(h2, ansible_port=silent_port)),
+                line("discohost", **conn(h2, ansible_python_interpreter=None))]
         if self.card_env:
             def card(host: Any, pin: Optional[str]) -> Dict[str, Any]:
                 # IdentitiesOnly would hide the card's key from ssh.
