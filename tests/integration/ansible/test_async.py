@@ -87,8 +87,15 @@ def remove_job_files() -> Iterator[None]:
 
 def play(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
          extra_vars: Optional[Dict[str, str]] = None, rc: Optional[int] = 0) -> Run:
-    """Run ``playbook``; its exit status must be ``rc`` (None: any)."""
-    run = run_playbook(env, playbook, strategy, tag, extra_vars=extra_vars, timeout=RUN_TIMEOUT)
+    """Run ``playbook``; its exit status must be ``rc`` (None: any).
+
+    One ssh retry (``ANSIBLE_SSH_RETRIES``, honoured by both plugins): the
+    polls here leave vanilla's 2 s ControlPersist master idle long enough to
+    exit, and a command that attaches to it as it exits fails with status
+    255 and no message (seen once on a busy machine). No test here is about
+    failed logins."""
+    run = run_playbook(env, playbook, strategy, tag, extra_vars=extra_vars, timeout=RUN_TIMEOUT,
+                       extra_env={"ANSIBLE_SSH_RETRIES": "1"})
     _JOBS_SEEN.update(_JID.findall(json.dumps(run.results)))
     assert rc is None or run.rc == rc, "%s under %s: rc=%s\nstdout:\n%s\nstderr:\n%s" % (
         playbook, strategy, run.rc, run.proc.stdout[-6000:], run.proc.stderr[-4000:])
