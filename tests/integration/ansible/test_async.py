@@ -18,9 +18,11 @@ playbooks/action_plugins/msvc_mux_counters.py.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -94,6 +96,13 @@ def play(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
     exit, and a command that attaches to it as it exits fails with status
     255 and no message (seen once on a busy machine). No test here is about
     failed logins."""
+    # Markers a run cut short left behind would make the next run's "clean
+    # markers" task report a change (the targets are this machine).
+    for stale in glob.glob("/tmp/msvc-async-it-*"):
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        else:
+            os.unlink(stale)
     run = run_playbook(env, playbook, strategy, tag, extra_vars=extra_vars, timeout=RUN_TIMEOUT,
                        extra_env={"ANSIBLE_SSH_RETRIES": "1"})
     _JOBS_SEEN.update(_JID.findall(json.dumps(run.results)))
