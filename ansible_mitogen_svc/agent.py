@@ -27,6 +27,12 @@ LOG = logging.getLogger("ansible_mitogen_svc.agent")
 
 # This process's fork parent (agents only) and cleanups run when it exits.
 _process: Dict[str, Any] = {"fork_server": None, "at_exit": []}
+#: What Python's C locale coercion (PEP 538) added to this agent's
+#: environment as it started (``{"LC_CTYPE": "C.UTF-8"}`` when the login
+#: left the C locale). Taken out again at once, so commands the agent runs
+#: see the login's environment as under ``ssh host CMD``; a module gets it
+#: back (:func:`runner.run_program`), as vanilla's module Python has it.
+COERCED_LOCALE: Dict[str, str] = {}
 
 
 def fork_server() -> Optional[forkserver.ForkServer]:
@@ -176,9 +182,27 @@ def _attach_parent(router: Router, fd_in: int, fd_out: int, cfg: Dict[str, Any])
     router.attach_parent(stream, int(cfg["parent_id"]))
 
 
+def _undo_locale_coercion() -> None:
+    """Fill :data:`COERCED_LOCALE`: an ``LC_CTYPE`` this process has but was
+    not started with (its initial environment, on Linux) came from the
+    coercion. Elsewhere nothing can tell, and it stays."""
+    value = os.environ.get("LC_CTYPE")
+    if value is None:
+        return
+    try:
+        with open("/proc/self/environ", "rb") as fp:
+            initial = fp.read().split(b"\0")
+    except OSError:
+        return
+    if not any(item.startswith(b"LC_CTYPE=") for item in initial):
+        COERCED_LOCALE["LC_CTYPE"] = value
+        del os.environ["LC_CTYPE"]
+
+
 def main(config_bytes: bytes, data_fd: int = 0) -> None:
     """Agent entry point (bootstrap stage 2 calls it). Frames travel on
     stdin/stdout, or both ways on stdout (``data_fd`` 1: a socket)."""
+    _undo_locale_coercion()
     cfg = codec.loads(config_bytes)
     _setup_logging(str(cfg.get("name", "agent")), int(cfg.get("log_level", logging.WARNING)))
     fd_in = os.dup(data_fd)

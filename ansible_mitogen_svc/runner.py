@@ -526,6 +526,7 @@ def run_program(req: Dict[str, Any], program: bytes, out: int, err: int) -> int:
 def _prepare(req: Dict[str, Any]) -> None:
     env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
     os.environ.update(env)
+    _coerce_locale()
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if extra:
         at = 1 if sys.path and sys.path[0] == "" else 0
@@ -557,6 +558,27 @@ def _prepare(req: Dict[str, Any]) -> None:
         setattr(sys, "__%s__" % name, new)
     sys.stdin = open(0, "r", closefd=False)
     setattr(sys, "__stdin__", sys.stdin)
+
+
+def _coerce_locale() -> None:
+    """What a new Python does (PEP 538) when the environment leaves the C
+    locale and the agent's Python did it too (``agent.COERCED_LOCALE``): set
+    ``LC_CTYPE`` in the environment, so the module's own children see it."""
+    from .agent import COERCED_LOCALE
+    coerced = COERCED_LOCALE.get("LC_CTYPE")
+    if not coerced or "LC_ALL" in os.environ or "LC_CTYPE" in os.environ:
+        return
+    import locale
+    try:
+        current = locale.setlocale(locale.LC_CTYPE, "")
+    except locale.Error:
+        current = "C"
+    if current in ("C", "POSIX"):
+        os.environ["LC_CTYPE"] = coerced
+        try:
+            locale.setlocale(locale.LC_CTYPE, coerced)
+        except locale.Error:
+            pass
 
 
 def _rebase(zip_path: str, paths_only: bool = False) -> None:

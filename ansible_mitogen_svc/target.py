@@ -43,7 +43,7 @@ def login_shell() -> str:
 
 
 def run_command(argv: List[str], in_data: Optional[bytes] = None,
-                use_pty: bool = False) -> Dict[str, Any]:
+                use_pty: bool = False, term: Optional[str] = None) -> Dict[str, Any]:
     """Run ``argv`` and return ``{"rc", "stdout", "stderr"}`` (bytes).
 
     Args:
@@ -52,12 +52,14 @@ def run_command(argv: List[str], in_data: Optional[bytes] = None,
             at once.
         use_pty: run on a new pty that is also the controlling terminal
             (like ``ssh -tt``): stdout and stderr arrive merged on stdout
-            with CRLF line ends, stderr is empty.
+            with CRLF line ends, stderr is empty. As sshd does for a
+            session with a pty, ``SSH_TTY`` names it and ``TERM`` is
+            ``term`` (the terminal type the client would send), if given.
     Raises:
         OSError: the program cannot be started.
     """
     if use_pty:
-        return _run_on_pty(argv, in_data)
+        return _run_on_pty(argv, in_data, term)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
     stdout, stderr = proc.communicate(in_data or b"")
@@ -69,11 +71,16 @@ def _make_controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _run_on_pty(argv: List[str], in_data: Optional[bytes]) -> Dict[str, Any]:
+def _run_on_pty(argv: List[str], in_data: Optional[bytes],
+                term: Optional[str] = None) -> Dict[str, Any]:
     master, slave = pty.openpty()
+    env = dict(os.environ, SSH_TTY=os.ttyname(slave))
+    if term:
+        env["TERM"] = term
     try:
         proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                start_new_session=True, preexec_fn=_make_controlling_tty)
+                                start_new_session=True, preexec_fn=_make_controlling_tty,
+                                env=env)
     except BaseException:
         os.close(master)
         raise

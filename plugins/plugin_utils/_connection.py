@@ -422,7 +422,10 @@ class AgentConnection(ConnectionBase):
             argv = self._shell_argv(to_text(cmd))
         assert agent_id is not None
         try:
-            res = self._call(agent_id, _mux.TARGET_MODULE, "run_command", argv, in_data, use_pty)
+            # A pty's terminal type: the client's, as ssh sends it.
+            term = os.environ.get("TERM") if use_pty else None
+            res = self._call(agent_id, _mux.TARGET_MODULE, "run_command", argv, in_data, use_pty,
+                             term)
         except CallError as exc:
             raise AnsibleError("failed to run a command on %s: %s"
                                % (self._describe_host(), exc)) from None
