@@ -7,6 +7,7 @@ after :mod:`_compare` removed timing fields.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -81,6 +82,33 @@ def wait_until(cond: Any, timeout: float = 15.0) -> bool:
 def _describe(run: Any) -> str:
     return "rc=%s\nstdout:\n%s\nstderr:\n%s" % (run.rc, run.proc.stdout[-4000:],
                                                  run.proc.stderr[-4000:])
+
+
+@contextlib.contextmanager
+def playbook_running(env: AnsibleEnv, playbook: str, capture: Path
+                     ) -> Iterator["subprocess.Popen[str]"]:
+    """ansible-playbook ``playbook`` under mitogen_linear in the background
+    (output on a pipe, results captured in ``capture``); its whole process
+    group is killed if it still runs when the block ends."""
+    if capture.exists():
+        capture.unlink()
+    proc = subprocess.Popen([str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / playbook)],
+                            env=env.env(MITOGEN, capture), cwd=str(env.root),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def running(testbed: Any, argv: bytes) -> int:
+    """How many processes under the testbed's sshd servers run ``argv``
+    (NUL-separated, as in /proc/PID/cmdline)."""
+    return sum(1 for host in testbed.hosts for pid in host.process_tree()
+               if _cmdline(pid) == argv)
 
 
 def test_basics_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> None:
@@ -188,27 +216,14 @@ def test_lost_mux_fails_tasks_cleanly(ansible_env: AnsibleEnv, testbed: Any) -> 
     error naming the mux (the workers see its stream close), so does the
     next one (the socket now refuses connections); nothing hangs, and the
     agents the mux owned exit."""
-    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "mux_lost.yml")]
-    env = ansible_env.env(MITOGEN, ansible_env.root / "mux_lost.jsonl")
-    proc = subprocess.Popen(argv, env=env, cwd=str(ansible_env.root), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-    def sleeping() -> int:
-        return sum(1 for host in testbed.hosts for pid in host.process_tree()
-                   if _cmdline(pid) == b"sleep\x005\x00")
-
-    try:
-        assert wait_until(lambda: sleeping() >= len(testbed.hosts), 60.0), \
-            "the second task never started"
+    with playbook_running(ansible_env, "mux_lost.yml", ansible_env.root / "mux_lost.jsonl"
+                          ) as proc:
+        assert wait_until(lambda: running(testbed, b"sleep\x005\x00") >= len(testbed.hosts),
+                          60.0), "the second task never started"
         assert mux_pids(ansible_env)
         for pid in mux_pids(ansible_env):
             os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     assert proc.returncode != 0, out
     fatal = [ln for ln in out.splitlines() if ln.startswith("fatal: [")]
     for host in testbed.hosts:
@@ -227,40 +242,24 @@ def test_lost_agent_fails_its_task_and_the_next_reconnects(ansible_env: AnsibleE
     host, with an error naming the host and the lost agent; the next task
     starts a fresh agent and succeeds. Agents killed between tasks: the next
     task does not notice. Nothing hangs; no agent is left at the end."""
-    argv = [str(ANSIBLE_BIN / "ansible-playbook"), str(PLAYBOOKS / "agent_lost.yml")]
     capture = ansible_env.root / "agent_lost.jsonl"
-    if capture.exists():
-        capture.unlink()
-    proc = subprocess.Popen(argv, env=ansible_env.env(MITOGEN, capture),
-                            cwd=str(ansible_env.root), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-    def running(argv0: bytes) -> int:
-        return sum(1 for host in testbed.hosts for pid in host.process_tree()
-                   if _cmdline(pid) == argv0)
-
     hosts = len(testbed.hosts)
-    try:
-        assert wait_until(lambda: running(b"sleep\x005\x00") >= hosts, 60.0), \
+    with playbook_running(ansible_env, "agent_lost.yml", capture) as proc:
+        assert wait_until(lambda: running(testbed, b"sleep\x005\x00") >= hosts, 60.0), \
             "the second task never started"
         first = agent_pids(testbed)
         assert first
         for pid in first:
             os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: running(b"sleep\x003\x00") >= hosts, 60.0), \
+        assert wait_until(lambda: running(testbed, b"sleep\x003\x00") >= hosts, 60.0), \
             "no task ran after the agents were lost"
-        assert wait_until(lambda: running(b"sleep\x003\x00") == 0, 30.0)
+        assert wait_until(lambda: running(testbed, b"sleep\x003\x00") == 0, 30.0)
         time.sleep(1.0)  # the results are back: the pause has begun
         second = agent_pids(testbed)
         assert second and not set(first) & set(second)
         for pid in second:
             os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     assert proc.returncode == 0, out
     results = [json.loads(line) for line in capture.read_text().splitlines() if line]
     by_task: Dict[str, Dict[str, Any]] = {}
