@@ -12,6 +12,7 @@ import typing as t
 
 from ansible.plugins.action.async_status import ActionModule as StockAsyncStatus
 
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _bytecode  # noqa: F401  (first: caches bytecode)
 from ansible_collections.mitogen.svc.plugins.plugin_utils import _async
 
 

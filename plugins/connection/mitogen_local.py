@@ -40,6 +40,7 @@ import typing as t
 from ansible.errors import AnsibleError, AnsibleFileNotFound
 from ansible.module_utils.common.text.converters import to_bytes
 
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _bytecode  # noqa: F401  (first: caches bytecode)
 from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (AgentConnection,
                                                                               display)
 

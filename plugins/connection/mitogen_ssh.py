@@ -333,6 +333,7 @@ import typing as t
 from ansible.errors import AnsibleAuthenticationFailure, AnsibleConnectionFailure, AnsibleError
 from ansible.module_utils.common.text.converters import to_text
 
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _bytecode  # noqa: F401  (first: caches bytecode)
 from ansible_collections.mitogen.svc.plugins.plugin_utils._async import CORE
 from ansible_collections.mitogen.svc.plugins.plugin_utils._connection import (AgentConnection,
                                                                               display)

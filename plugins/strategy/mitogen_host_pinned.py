@@ -20,6 +20,7 @@ import typing as t
 
 from ansible.plugins.strategy.host_pinned import StrategyModule as _Builtin
 
+from ansible_collections.mitogen.svc.plugins.plugin_utils import _bytecode  # noqa: F401  (first: caches bytecode)
 from ansible_collections.mitogen.svc.plugins.plugin_utils._strategy import WakeOnResult, activated
 
 
