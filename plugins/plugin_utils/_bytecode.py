@@ -28,11 +28,10 @@ import os
 import sys
 import typing as t
 
-#: Packages whose modules this finder loads (the names under them).
-PACKAGES = (
-    "ansible_collections.mitogen.svc.ansible_mitogen_svc",
-    "ansible_collections.mitogen.svc.plugins.plugin_utils",
-)
+#: The packages whose modules this finder loads. The runtime package itself
+#: too; ``plugin_utils`` has no ``__init__.py`` and stays ansible-core's.
+RUNTIME = "ansible_collections.mitogen.svc.ansible_mitogen_svc"
+_PREFIXES = (RUNTIME + ".", "ansible_collections.mitogen.svc.plugins.plugin_utils.")
 
 
 class CachedSourceFinder:
@@ -42,22 +41,18 @@ class CachedSourceFinder:
 
     def find_spec(self, fullname: str, path: t.Optional[t.Sequence[str]] = None,
                   target: t.Any = None) -> t.Optional[importlib.machinery.ModuleSpec]:
-        if not path or not any(fullname == p or fullname.startswith(p + ".") for p in PACKAGES):
+        if not path or not (fullname == RUNTIME or fullname.startswith(_PREFIXES)):
             return None
-        if fullname == PACKAGES[1]:
-            return None  # no __init__.py: ansible-core makes this package
         leaf = fullname.rpartition(".")[2]
         for entry in path:
             package = os.path.join(entry, leaf)
             init = os.path.join(package, "__init__.py")
-            if os.path.isfile(init):
+            is_package = os.path.isfile(init)
+            source = init if is_package else package + ".py"
+            if is_package or os.path.isfile(source):
                 return importlib.util.spec_from_file_location(
-                    fullname, init, loader=importlib.machinery.SourceFileLoader(fullname, init),
-                    submodule_search_locations=[package])
-            module = package + ".py"
-            if os.path.isfile(module):
-                return importlib.util.spec_from_file_location(
-                    fullname, module, loader=importlib.machinery.SourceFileLoader(fullname, module))
+                    fullname, source, loader=importlib.machinery.SourceFileLoader(fullname, source),
+                    submodule_search_locations=[package] if is_package else None)
         return None
 
 
