@@ -13,8 +13,12 @@ host); from then on only contexts in the same subtree as that owner may
 * ``listen(job_id, timeout)``: reply as soon as the result is known. The
   reply is deferred, so a listener holds no pool thread while it waits; if
   ``timeout`` passes first the listener gets a TimeoutError.
-* ``get(job_id)``: never blocks; ``{"state": "unknown" | "running" |
-  "finished", "result": ...}``.
+* ``get(job_id, settle=0)``: ``{"state": "unknown" | "running" |
+  "finished", "result": ...}``. It never blocks, except that a job
+  registered less than ``settle`` seconds ago is waited for until then
+  (answered at once when it pushes): a status asked right after a
+  short job starts then finds it finished, as it would have with vanilla's
+  slower start, and the ``until`` loop around it needs no second try.
 * ``forget(job_id)``: drop what is known about a job (``mode: cleanup``).
 
 Results are kept until forgotten, at most MAX_JOBS of them; beyond that the
@@ -28,7 +32,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Dict, List
+import time
+from typing import Any, Dict, List, Tuple
 
 from .context import Router
 from .errors import TimeoutError
@@ -49,8 +54,10 @@ class JobResultService(Service):
         super().__init__(router)
         self._lock = threading.Lock()
         self._owners: Dict[str, int] = {}
+        self._since: Dict[str, float] = {}  # job id -> time.monotonic() at register
         self._results: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-        self._listeners: Dict[str, List[Responder]] = {}
+        # job id -> (responder, as_state): as_state replies are get()'s form
+        self._listeners: Dict[str, List[Tuple[Responder, bool]]] = {}
         self.pushes = 0
 
     @expose(AllowController())
@@ -59,6 +66,7 @@ class JobResultService(Service):
         """Only ``owner``'s subtree may push this job's result."""
         with self._lock:
             self._owners[job_id] = owner
+            self._since[job_id] = time.monotonic()
 
     def _may_push(self, job_id: str, caller: Caller) -> bool:
         owner = self._owners.get(job_id)
@@ -82,46 +90,64 @@ class JobResultService(Service):
             while len(self._results) > MAX_JOBS:
                 old, _ = self._results.popitem(last=False)
                 self._owners.pop(old, None)
+            self._since.pop(job_id, None)
             waiters = self._listeners.pop(job_id, [])
             self.pushes += 1
-        for r in waiters:
-            r.send(result)
+        for responder, as_state in waiters:
+            responder.send({"state": "finished", "result": result} if as_state else result)
         return True
+
+    def _wait(self, job_id: str, timeout: float, as_state: bool) -> None:
+        """Defer the current call's reply until ``job_id`` is pushed or
+        ``timeout`` passes (a TimeoutError, or the running state when
+        ``as_state``). Called with the lock held."""
+        responder = current_call().defer_reply()
+        entry = (responder, as_state)
+        self._listeners.setdefault(job_id, []).append(entry)
+
+        def expire() -> None:
+            with self._lock:
+                waiters = self._listeners.get(job_id, [])
+                if entry not in waiters:
+                    return  # pushed meanwhile
+                waiters.remove(entry)
+                if not waiters:
+                    self._listeners.pop(job_id, None)
+            if as_state:
+                responder.send({"state": "running", "result": None})
+            else:
+                responder.fail(TimeoutError("job %r: no result within %.1fs"
+                                            % (job_id, timeout)))
+
+        self.router.broker.call_later(timeout, expire)
 
     @expose(AllowController())
     @arg_spec({"job_id": str, "timeout": (int, float)})
     def listen(self, job_id: str, timeout: float = 3600.0) -> Any:
         """The job's result, as soon as it is pushed. Raises TimeoutError
         after ``timeout`` seconds."""
-        info = current_call()
         with self._lock:
             if job_id in self._results:
                 return self._results[job_id]
-            responder = info.defer_reply()
-            self._listeners.setdefault(job_id, []).append(responder)
-
-        def expire() -> None:
-            with self._lock:
-                waiters = self._listeners.get(job_id, [])
-                if responder in waiters:
-                    waiters.remove(responder)
-                if not waiters:
-                    self._listeners.pop(job_id, None)
-            responder.fail(TimeoutError("job %r: no result within %.1fs" % (job_id, timeout)))
-
-        self.router.broker.call_later(float(timeout), expire)
+            self._wait(job_id, float(timeout), as_state=False)
         return None
 
     @expose(AllowController())
-    @arg_spec({"job_id": str})
-    def get(self, job_id: str) -> Dict[str, Any]:
-        """Non-blocking: the state of a job and its result if finished."""
+    @arg_spec({"job_id": str, "settle": (int, float)})
+    def get(self, job_id: str, settle: float = 0.0) -> Dict[str, Any]:
+        """The state of a job and its result if finished; waits only for
+        a job registered less than ``settle`` seconds ago (module
+        docstring)."""
         with self._lock:
             if job_id in self._results:
                 return {"state": "finished", "result": self._results[job_id]}
-            if job_id in self._owners or job_id in self._listeners:
+            if job_id not in self._owners and job_id not in self._listeners:
+                return {"state": "unknown", "result": None}
+            left = self._since.get(job_id, float("-inf")) + float(settle) - time.monotonic()
+            if left <= 0:
                 return {"state": "running", "result": None}
-        return {"state": "unknown", "result": None}
+            self._wait(job_id, left, as_state=True)
+        return {}  # not sent: the deferred reply is
 
     @expose(AllowController())
     @arg_spec({"job_id": str})
@@ -130,6 +156,7 @@ class JobResultService(Service):
             known = job_id in self._results or job_id in self._owners
             self._results.pop(job_id, None)
             self._owners.pop(job_id, None)
+            self._since.pop(job_id, None)
         return known
 
     @expose(AllowController())

@@ -87,6 +87,12 @@ STATUS_ACTION = "mitogen.svc.mitogen_async_status"
 DEFAULT_ASYNC_DIR = "~/.ansible_async"
 #: Seconds to wait for the mux's JobResultService.
 MUX_TIMEOUT = 60.0
+#: A status asked this soon after its job started waits for the job's
+#: push until then. Vanilla's first answer comes about this late (it starts
+#: async_wrapper, then a new interpreter for async_status), so a short job
+#: launched with ``poll: 0`` is found finished at once, as with vanilla,
+#: instead of after the ``until`` loop's delay (docs/async.md).
+STATUS_SETTLE = 1.0
 # ActionBase._execute_module()'s positional parameters, in order.
 _EXECUTE_ARGS = ("module_name", "module_args", "tmp", "task_vars", "persist_files",
                  "delete_remote_tmp", "wrap_async")
@@ -379,7 +385,7 @@ def pushed_result(conn: t.Any, jid: t.Any) -> t.Optional[t.Dict[str, t.Any]]:
     key = job_key(jid)
     if key is None:
         return None
-    reply = _mux_jobs(conn, "get", job_id=key)
+    reply = _mux_jobs(conn, "get", job_id=key, settle=STATUS_SETTLE)
     if not isinstance(reply, dict) or reply.get("state") != "finished":
         return None
     result = reply.get("result")

@@ -6,7 +6,8 @@ differs between any two runs of an async task:
 
 * job ids (random) wherever they appear, e.g. in ``results_file``;
 * ``attempts`` of ``until`` loops: how many polls a job needed depends on
-  how fast the poller is, and mitogen's polls come back sooner;
+  how fast the poller is, and mitogen's polls come back sooner (but see
+  "short job, first status");
 * ``child_pid`` of a timeout record;
 * the ``msg`` of a record for output that is not JSON: the traceback of
   the code that found no JSON (async_wrapper's, or the job supervisor's);
@@ -145,6 +146,9 @@ def test_async_basics_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> No
         assert results_of(ours, "junk around the JSON")[host]["warnings"] == [
             "Module invocation had junk after the JSON data: junk after the JSON"]
         assert results_of(ours, "stderr kept")[host]["stderr"] == "raw stderr of the probe\n"
+        for run in (vanilla, ours):
+            quick = results_of(run, "short job, first status")[host]
+            assert (quick["stdout"], quick["attempts"]) == ("quick", 1)
     # The poll task and async_status tasks keep their action name.
     assert {e["action"] for e in ours.results if e["task"].startswith("poll 0 ")} == {
         "shell", "async_status"}

@@ -2,6 +2,8 @@
 forked children pushing job results to the controller."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import _remote_helpers as rh
@@ -73,3 +75,30 @@ def test_job_result_from_another_subtree_is_refused(agent: Agent, bystander: obj
     assert exc.value.type_name == "builtins.PermissionError"
     assert "may not push a result for job 'theirs'" in exc.value.message
     assert call(ctl, JobResultService.name, "get", job_id="theirs")["state"] == "running"
+
+
+@pytest.mark.parametrize("transport", ["local"], indirect=True)
+def test_get_settles_on_a_job_that_just_started(agent: Agent) -> None:
+    """get(settle=S) on a job registered less than S seconds ago answers
+    when it is pushed, or with "running" once S seconds have passed since
+    the registration; never for an unknown or older job."""
+    ctl = agent.router.context(0)
+    svc = JobResultService.name
+    call(ctl, svc, "register", job_id="quick", owner=agent.context.context_id)
+    pending = ctl.call_service_async(svc, "get", job_id="quick", settle=30)
+    time.sleep(0.2)
+    assert not pending.ready()
+    pushed = connect.fork(agent.context, name="quick").call(rh.push_job, "quick")
+    assert pending.get(10.0) == {"state": "finished", "result": pushed}
+
+    call(ctl, svc, "register", job_id="slow", owner=agent.context.context_id)
+    t0 = time.monotonic()
+    assert call(ctl, svc, "get", job_id="slow", settle=0.5) == {"state": "running",
+                                                                  "result": None}
+    assert time.monotonic() - t0 >= 0.4
+    t0 = time.monotonic()
+    assert call(ctl, svc, "get", job_id="slow", settle=0.5)["state"] == "running"
+    assert call(ctl, svc, "get", job_id="never registered", settle=30)["state"] == "unknown"
+    assert call(ctl, svc, "get", job_id="slow")["state"] == "running"
+    assert time.monotonic() - t0 < 0.4
+    assert call(ctl, svc, "statistics")["listeners"] == 0
