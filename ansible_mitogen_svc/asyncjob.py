@@ -70,6 +70,11 @@ from .runner import load_program, run_program
 from .service import current_call
 from .transport import FdTransport
 
+try:
+    import syslog
+except ImportError:  # not a Unix
+    syslog = None  # type: ignore[assignment]
+
 __all__ = ["start_job", "job_main", "JobSpec", "split_json_output", "DEFAULT_ASYNC_DIR",
            "HANDSHAKE_TIMEOUT", "PUSH_LIMIT"]
 
@@ -87,14 +92,14 @@ PUSH_LIMIT = 32 * 1024 * 1024
 #: Seconds the supervisor waits for the mux to acknowledge a push.
 PUSH_TIMEOUT = 60.0
 #: async_wrapper's check interval, in seconds.
-CHECK_STEP = 5.0
+CHECK_STEP = 5
 # How often to look for the module's exit once its pipes are closed.
 _REAP_POLL = 0.02
 
 
 class JobSpec(collections.namedtuple(
-        "_JobSpec", "jid limit preserve remove_dir cmd bools blank_junk_warns push path",
-        defaults=(False, None, "", True, False, "", ""))):
+        "_JobSpec", "jid limit preserve remove_dir cmd bools blank_junk_warns push path argv",
+        defaults=(False, None, "", True, False, "", "", ""))):
     """What the controller says about one job (sent as a dict).
 
     Attributes:
@@ -112,6 +117,8 @@ class JobSpec(collections.namedtuple(
         path: the module file vanilla would have run (async_wrapper runs
             ``python3 path``): the module runs as that file (``__file__``,
             tracebacks), though nothing is written there; "" for stdin.
+        argv: the arguments async_wrapper would have got, for the syslog
+            line "Invoked with ..." (see :func:`notice`).
     """
 
     __slots__ = ()
@@ -123,6 +130,22 @@ class JobSpec(collections.namedtuple(
         if not isinstance(spec.jid, str) or not isinstance(spec.limit, int):
             raise TypeError("a job spec needs a str jid and an int limit, got %r" % (data,))
         return spec
+
+
+def notice(msg: str) -> None:
+    """Log ``msg`` to syslog as async_wrapper does (ident
+    ``ansible-async_wrapper.py``, LOG_NOTICE): the supervisor logs the same
+    lines at the same steps of a job, so whoever reads the targets' logs
+    for them still finds them. The connection is closed again at once: a
+    forked module process inherits no syslog fd."""
+    if syslog is None:
+        return
+    try:
+        syslog.openlog("ansible-async_wrapper.py")
+        syslog.syslog(syslog.LOG_NOTICE, msg)
+        syslog.closelog()
+    except Exception:  # logging never stops a job
+        LOG.debug("syslog: %r not logged", msg, exc_info=True)
 
 
 # -- handshake packets: 4-byte length + codec body --------------------------------
@@ -263,6 +286,8 @@ class _Supervisor:
         self.jid = "%s.%d" % (spec.jid, os.getpid())
         self.async_dir = ""
         self.path = ""
+        self.module_pid = 0
+        self.module_done = False  # it ended within the limit
 
     def flag(self, value: bool) -> Any:
         """True/False, or 1/0 for ansible-core before 2.19."""
@@ -270,6 +295,7 @@ class _Supervisor:
 
     def run(self) -> None:
         os.environ.update(self.env)
+        notice("Invoked with %s" % (self.spec.argv or "%s %d" % (self.spec.jid, self.spec.limit)))
         reply, ok = self.prepare()
         try:
             _send_packet(self.sock, reply)
@@ -278,13 +304,18 @@ class _Supervisor:
         if not ok:
             self.sock.close()
             return
+        notice("Return async_wrapper task started.")
         try:
             record = self.supervise()
             text = self.write(record)
-        except Exception:
+        except Exception as exc:
+            notice("error: %s" % exc)
             LOG.debug("job %s: could not finish", self.jid, exc_info=True)
             self.sock.close()
             return
+        if self.module_done:
+            notice("Module complete (%d)" % self.module_pid)
+            notice("Done in kid B.")
         if self.spec.remove_dir and not self.spec.preserve:
             shutil.rmtree(self.spec.remove_dir, True)
         self.push(text)
@@ -332,11 +363,13 @@ class _Supervisor:
     def supervise(self) -> Dict[str, Any]:
         """Run the module process to its end or the time limit; returns
         the record to write."""
+        notice("Starting module and watcher")
         try:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             pid = os.fork()
         except OSError as exc:
+            notice("error: %s" % exc)
             return {"failed": self.flag(True), "cmd": self.spec.cmd, "msg": str(exc),
                     "outdata": "", "stderr": "", "ansible_job_id": self.jid}
         if pid == 0:
@@ -346,6 +379,7 @@ class _Supervisor:
                 self.sock.close()
                 os.close(out_r)
                 os.close(err_r)
+                notice("Start module (%d)" % os.getpid())
                 code = run_program({"env": self.env, "zip": self.zip, "path": self.spec.path},
                                    self.program,
                                    out_w, err_w)
@@ -358,19 +392,23 @@ class _Supervisor:
         os.close(out_w)
         os.close(err_w)
         self.program = b""
+        self.module_pid = pid
+        notice("Start watching %d (%d)" % (pid, self.spec.limit))
         done, out, err = self.wait(pid, [out_r, err_r])
         if not done:
             return {"msg": "Timeout exceeded", "failed": True, "child_pid": pid}
+        self.module_done = True
         return self.final_record(out, err)
 
     def wait(self, pid: int, fds: List[int]) -> Tuple[bool, bytes, bytes]:
         """Collect the module's output until it exited and closed its
         pipes; False when the limit struck first (the group is killed)."""
         limit = self.spec.limit
-        step = CHECK_STEP
+        # async_wrapper's numbers, as its "still running" lines print them.
+        step: float = CHECK_STEP
         if limit != 0 and step >= limit:
             step = limit / 2
-        remaining = float(limit)
+        remaining: float = limit
         pipes = _Pipes(fds)
         exited = False
         start = time.monotonic()
@@ -393,7 +431,9 @@ class _Supervisor:
                     continue
                 checks += 1
                 remaining -= step
+                notice("%d still running (%s)" % (pid, remaining))
                 if remaining <= 0:
+                    notice("Timeout reached, now killing %d" % pid)
                     self.kill(pid, exited)
                     return False, b"", b""
         finally:
@@ -406,6 +446,7 @@ class _Supervisor:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
+        notice("Sent kill to group %d " % pid)
         time.sleep(1)
         if not reaped:
             try:

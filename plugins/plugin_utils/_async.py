@@ -273,6 +273,7 @@ def exec_module(conn: AgentConnection, agent_id: t.Optional[int], interpreter: s
     job = dict(run["job"])
     path = str(job.get("path") or module_file(None, run))
     job["cmd"] = shlex.join([interpreter, path]) if ARGV_CMD else path
+    job["argv"] = wrapper_argv(job, interpreter, path)
     client = conn._client
     assert client is not None
     if client.pool is None:  # a mux serves JobResultService: have the result pushed
@@ -297,6 +298,19 @@ def exec_module(conn: AgentConnection, agent_id: t.Optional[int], interpreter: s
                            % (conn._describe_host(), exc)) from None
     run["started"] = True
     return int(res["rc"]), res["stdout"], res["stderr"]
+
+
+def wrapper_argv(job: t.Dict[str, t.Any], interpreter: str, path: str) -> str:
+    """The arguments vanilla's async_wrapper would have got for this job,
+    as its syslog line "Invoked with ..." shows them."""
+    if ARGV_CMD:
+        args = [job["jid"], str(job["limit"]), str(bool(job["preserve"])).lower(), path,
+                interpreter, path]
+    else:
+        args = [job["jid"], str(job["limit"]), path, "_"]
+        if job["preserve"]:
+            args.append("-preserve_tmp")
+    return " ".join(args)
 
 
 def _answer(agent_id: t.Optional[int], known: t.Dict[str, t.Any]

@@ -25,7 +25,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 
@@ -291,3 +294,93 @@ def test_task_isolation(ansible_env: AnsibleEnv, testbed: Any) -> None:
         assert parents["zygote, first"] == parents["zygote, second"]
         assert len({parents["zygote, first"], parents["fork, first"],
                     parents["fork, second"]}) == 3
+
+
+class SyslogListener:
+    """Everything logged to ``/dev/log`` (the targets are this machine)
+    while it is bound."""
+
+    PATH = "/dev/log"
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.PATH)
+        os.chmod(self.PATH, 0o666)  # msvc-bob's modules log too
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            self.lines.append(data.decode("utf-8", "replace"))
+
+    def take(self) -> List[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+    def close(self) -> None:
+        os.unlink(self.PATH)
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def syslog_listener() -> Iterator[SyslogListener]:
+    if os.path.exists(SyslogListener.PATH):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(SyslogListener.PATH)
+            pytest.skip("%s: a syslog daemon listens there" % SyslogListener.PATH)
+        except ConnectionRefusedError:
+            os.unlink(SyslogListener.PATH)  # a socket nobody reads any more
+        finally:
+            probe.close()
+    listener = SyslogListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+_SYSLOG_HEAD = re.compile(r"^<\d+>\w{3} [ \d]\d \d\d:\d\d:\d\d ")
+_PIDS = re.compile(r"\b\d{2,}\b")
+
+
+def syslog_lines(raw: List[str]) -> List[str]:
+    """The lines jobs and modules logged, without header, job ids, pids
+    and temporary paths, sorted (processes log concurrently). Not those of
+    async_status: the mux answers some polls without running it."""
+    out = []
+    for line in raw:
+        text = _SYSLOG_HEAD.sub("", line)
+        if not text.startswith("ansible-") or "legacy.async_status:" in text:
+            continue
+        text = re.sub(r"ansible-tmp-[^/ ]+", "ansible-tmp-<t>", _JID.sub("j<jid>", text))
+        out.append(_PIDS.sub("<n>", re.sub(r"\bj\d+\b", "j<jid>", text)))
+    return sorted(out)
+
+
+def test_syslog_lines_match_vanilla(ansible_env: AnsibleEnv, testbed: Any,
+                                    syslog_listener: SyslogListener) -> None:
+    """Job supervisors log async_wrapper's syslog lines (``Invoked with``
+    and its arguments, start, every check, the kill, the end), and modules
+    their own, as under vanilla."""
+    play(ansible_env, "async_syslog.yml", LINEAR, "syslog_linear")
+    time.sleep(1.5)  # vanilla's watcher logs the end of a job up to 1 s after the poll
+    vanilla = syslog_lines(syslog_listener.take())
+    play(ansible_env, "async_syslog.yml", MITOGEN, "syslog_mitogen")
+    time.sleep(1.5)
+    ours = syslog_lines(syslog_listener.take())
+    assert vanilla == ours, compact_diff(vanilla, ours)
+    hosts = len(testbed.hosts)
+    for line in ("ansible-async_wrapper.py: Timeout reached, now killing <n>",
+                 "ansible-async_wrapper.py: Done in kid B.",
+                 "ansible-async_wrapper.py: <n> still running (0.0)"):
+        assert ours.count(line) == hosts, line
+    assert any(line.startswith("ansible-ansible.legacy.command: Invoked with _raw_params=echo "
+                               "logged") for line in ours)
