@@ -102,6 +102,18 @@ def playbook_running(env: AnsibleEnv, playbook: str, capture: Path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def kill_all(pids: List[int]) -> None:
+    """SIGKILL each of ``pids``; one that exited meanwhile is no error (a
+    task child that just finished, a zygote that saw its agent go)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def running(testbed: Any, argv: bytes) -> int:
@@ -249,16 +261,14 @@ def test_lost_agent_fails_its_task_and_the_next_reconnects(ansible_env: AnsibleE
             "the second task never started"
         first = agent_pids(testbed)
         assert first
-        for pid in first:
-            os.kill(pid, signal.SIGKILL)
+        kill_all(first)
         assert wait_until(lambda: running(testbed, b"sleep\x003\x00") >= hosts, 60.0), \
             "no task ran after the agents were lost"
         assert wait_until(lambda: running(testbed, b"sleep\x003\x00") == 0, 30.0)
         time.sleep(1.0)  # the results are back: the pause has begun
         second = agent_pids(testbed)
         assert second and not set(first) & set(second)
-        for pid in second:
-            os.kill(pid, signal.SIGKILL)
+        kill_all(second)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     results = [json.loads(line) for line in capture.read_text().splitlines() if line]
