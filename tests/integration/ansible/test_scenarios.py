@@ -473,6 +473,18 @@ def _run_both(env: ScenarioEnv, group: Group, books: List[Path], strategies: Tup
         return [f.result() for f in futures]
 
 
+#: A race of vanilla's own: ssh refused the login and exited before the
+#: pipelined module was written to its stdin (seen under load).
+VANILLA_RACE = "Make sure this host can be reached over SSH: [Errno 32] Broken pipe"
+
+
+def _vanilla_raced(run: Run) -> bool:
+    """The vanilla run lost :data:`VANILLA_RACE` somewhere: it is not a
+    reference; run it again."""
+    return any(VANILLA_RACE in str((e.get("result") or {}).get("msg", ""))
+               for e in run.results)
+
+
 def _vanilla_problems(group: Group, stems: List[str], run: Run) -> List[str]:
     """What makes the vanilla run not behave as the scenarios intend."""
     problems = []
@@ -598,6 +610,8 @@ def test_scenario_group(group: Group, scenario_env: ScenarioEnv, testbed: Any) -
 
     (vanilla, t_vanilla), (ours, t_ours) = _run_both(scenario_env, group, books,
                                                      (vanilla_strategy, ours_strategy))
+    if _vanilla_raced(vanilla):
+        vanilla, t_vanilla = _run_group(scenario_env, group, books, vanilla_strategy, "vanilla")
     problems = _vanilla_problems(group, stems, vanilla)
     if problems:
         pytest.fail("the vanilla run does not behave as the scenarios intend:\n%s\n\n%s" % (
