@@ -219,7 +219,8 @@ GROUPS: Tuple[Group, ...] = (
     Group("host-pinned", ("s62_host_pinned",), strategies=("host_pinned", MITOGEN_HOST_PINNED),
           env=(("ANSIBLE_FORKS", "2"),), ordered=False, checks=(check_hosts_stay_pinned,),
           parallel=False),
-    Group("interpreters", ("s58_python38", "s59_python313", "s64_interpreter_discovery"),
+    Group("interpreters", ("s58_python38", "s59_python313", "s64_interpreter_discovery",
+                           "s65_respawn"),
           smoke=True,
           only_if=(("s58_python38", _needs_py38),)),
 )
@@ -598,7 +599,7 @@ def test_scenario_group(group: Group, scenario_env: ScenarioEnv, testbed: Any) -
             stems.append(stem)
     if "s58_python38" in stems and not scenario_env.py38:
         pytest.skip("no /root/.pyenv/versions/3.8*/bin/python3 on this machine")
-    if "s59_python313" in stems and not scenario_env.py313:
+    if {"s59_python313", "s65_respawn"} & set(stems) and not scenario_env.py313:
         pytest.skip("no /root/.pyenv/versions/3.13*/bin/python3 on this machine")
     if not stems:
         pytest.skip("no scenario of this group applies to ansible-core %s" % (ansible_version(),))
