@@ -33,7 +33,7 @@ _PAYLOAD_TMP = re.compile(r"/(ansible_[\w.]+_payload_)[a-z0-9_]{8}(?=/)")
 #: A backup file name: "<path>.<pid>.<date>@<time>~".
 _BACKUP = re.compile(r"\.[0-9]+\.[0-9]{4}-[0-9]{2}-[0-9]{2}@[0-9]{2}:[0-9]{2}:[0-9]{2}~")
 #: An async job id (random), also in its ``results_file``.
-_JOB_ID = re.compile(r"\bj\d+\.\d+\b")
+JOB_ID = re.compile(r"\bj\d+\.\d+\b")
 #: copy content= on ansible-core <= 2.19 reports the controller temp file's
 #: random name as the module argument ``_original_basename``.
 _TEMP_BASENAME = re.compile(r"^\.[a-z0-9_]{8}$")
@@ -48,7 +48,7 @@ def _scrub(value: Any) -> Any:
         return [_scrub(v) for v in value]
     if isinstance(value, str):
         value = _BACKUP.sub(".PID.DATE@TIME~", _LOCAL_TMP.sub("/ansible-local-X/TMP", value))
-        value = _JOB_ID.sub("j<jid>", _PAYLOAD_TMP.sub(r"/\1X", value))
+        value = JOB_ID.sub("j<jid>", _PAYLOAD_TMP.sub(r"/\1X", value))
         return _SOURCE_TMP.sub("ansible-tmp-X", _TMP.sub("<tmp>", value))
     return value
 

@@ -4,7 +4,8 @@ sshd targets: every playbook runs under vanilla ``linear`` and under
 after :mod:`_compare` normalised them and :func:`scrub` removed what
 differs between any two runs of an async task:
 
-* job ids (random) wherever they appear, e.g. in ``results_file``;
+* job ids (random) wherever they appear, e.g. in ``results_file`` (masked
+  by :mod:`_compare`, as in every comparison);
 * ``attempts`` of ``until`` loops: how many polls a job needed depends on
   how fast the poller is, and mitogen's polls come back sooner (but see
   "short job, first status");
@@ -35,7 +36,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _compare import compact_diff, normalise_all  # noqa: E402
+from _compare import JOB_ID, compact_diff, normalise_all  # noqa: E402
 from conftest import AnsibleEnv, Run, ansible_version, run_playbook  # noqa: E402
 
 # Also on the older ansible-core lines in CI (scripts/test.sh): job records
@@ -45,7 +46,6 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.smoke]
 LINEAR = "linear"
 MITOGEN = "mitogen.svc.mitogen_linear"
 RUN_TIMEOUT = 400.0
-_JID = re.compile(r"\bj\d+\.\d+\b")
 #: Result keys that differ between two runs of the same async task.
 VOLATILE = frozenset({"attempts", "child_pid"})
 
@@ -61,8 +61,6 @@ def scrub(value: Any) -> Any:
                 for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
         return [scrub(v) for v in value]
-    if isinstance(value, str):
-        return _JID.sub("j<jid>", value)
     return value
 
 
@@ -109,7 +107,7 @@ def play(env: AnsibleEnv, playbook: str, strategy: str, tag: str,
             os.unlink(stale)
     run = run_playbook(env, playbook, strategy, tag, extra_vars=extra_vars, timeout=RUN_TIMEOUT,
                        extra_env={"ANSIBLE_SSH_RETRIES": "1"})
-    _JOBS_SEEN.update(_JID.findall(json.dumps(run.results)))
+    _JOBS_SEEN.update(JOB_ID.findall(json.dumps(run.results)))
     assert rc is None or run.rc == rc, "%s under %s: rc=%s\nstdout:\n%s\nstderr:\n%s" % (
         playbook, strategy, run.rc, run.proc.stdout[-6000:], run.proc.stderr[-4000:])
     return run
@@ -360,7 +358,7 @@ def syslog_lines(raw: List[str]) -> List[str]:
         text = _SYSLOG_HEAD.sub("", line)
         if not text.startswith("ansible-") or "legacy.async_status:" in text:
             continue
-        text = re.sub(r"ansible-tmp-[^/ ]+", "ansible-tmp-<t>", _JID.sub("j<jid>", text))
+        text = re.sub(r"ansible-tmp-[^/ ]+", "ansible-tmp-<t>", JOB_ID.sub("j<jid>", text))
         out.append(_PIDS.sub("<n>", re.sub(r"\bj\d+\b", "j<jid>", text)))
     return sorted(out)
 
