@@ -87,12 +87,15 @@ STATUS_ACTION = "mitogen.svc.mitogen_async_status"
 DEFAULT_ASYNC_DIR = "~/.ansible_async"
 #: Seconds to wait for the mux's JobResultService.
 MUX_TIMEOUT = 60.0
-#: A status asked this soon after its job started waits for the job's
-#: push until then. Vanilla's first answer comes about this late (it starts
-#: async_wrapper, then a new interpreter for async_status), so a short job
-#: launched with ``poll: 0`` is found finished at once, as with vanilla,
-#: instead of after the ``until`` loop's delay (docs/async.md).
-STATUS_SETTLE = 1.0
+#: A status asked this soon after its job was registered waits for the
+#: job's push until then. Vanilla's first answer comes 1-1.5 s after the
+#: start (it starts async_wrapper, then a new interpreter for async_status),
+#: so a short job launched with ``poll: 0`` is found finished at once, as
+#: with vanilla, instead of after the ``until`` loop's delay. Our job needs
+#: 0.3-0.8 s to push (it imports the module's code afresh in a child of the
+#: virgin parent), more on a loaded target: 2 s leaves room for that
+#: (docs/async.md).
+STATUS_SETTLE = 2.0
 # ActionBase._execute_module()'s positional parameters, in order.
 _EXECUTE_ARGS = ("module_name", "module_args", "tmp", "task_vars", "persist_files",
                  "delete_remote_tmp", "wrap_async")

@@ -147,9 +147,12 @@ def test_async_basics_match_vanilla(ansible_env: AnsibleEnv, testbed: Any) -> No
         assert results_of(ours, "junk around the JSON")[host]["warnings"] == [
             "Module invocation had junk after the JSON data: junk after the JSON"]
         assert results_of(ours, "stderr kept")[host]["stderr"] == "raw stderr of the probe\n"
-        for run in (vanilla, ours):
-            quick = results_of(run, "short job, first status")[host]
-            assert (quick["stdout"], quick["attempts"]) == ("quick", 1)
+        # Ours waits for the push (2 s window); vanilla's 1 attempt is
+        # its own timing (usual, not guaranteed on a loaded machine).
+        quick = results_of(ours, "short job, first status")[host]
+        theirs = results_of(vanilla, "short job, first status")[host]
+        assert (quick["stdout"], quick["attempts"]) == ("quick", 1), \
+            "vanilla needed %s attempt(s)" % theirs["attempts"]
     # The poll task and async_status tasks keep their action name.
     assert {e["action"] for e in ours.results if e["task"].startswith("poll 0 ")} == {
         "shell", "async_status"}
