@@ -151,12 +151,18 @@ def _setup_logging(name: str, level: int) -> None:
     root.setLevel(level)
 
 
-def _serve_until_parent_lost(router: Router, pool: Pool) -> None:
+def _obey_shutdown(router: Router) -> None:
+    """A shutdown message from the parent side stops the broker. Installed
+    before the parent stream is attached: the parent may send it as soon as
+    the context answers, before the main thread gets to run again."""
     def on_shutdown(msg: Message, caller: Caller) -> None:
         if caller.relation != "child":
             router.broker.shutdown()
 
     router.add_handler(on_shutdown, handle=HANDLE_SHUTDOWN)
+
+
+def _serve_until_parent_lost(router: Router, pool: Pool) -> None:
     while not router.broker.wait_stopped(1.0):
         pass
     pool.stop(timeout=2.0)
@@ -217,6 +223,7 @@ def main(config_bytes: bytes, data_fd: int = 0) -> None:
     router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, fork_server, cfg)], size=POOL_SIZE,
                 function_modules=_may_call)
+    _obey_shutdown(router)
     _attach_parent(router, fd_in, fd_out, cfg)
     os.write(fd_out, bootstrap.ready_line(os.getpid(), sys.executable))
     try:
@@ -244,5 +251,6 @@ def child_main(fd: int, cfg: Dict[str, Any]) -> None:
     _setup_logging(str(cfg.get("name", "child")), int(cfg.get("log_level", logging.WARNING)))
     router = _make_router(cfg)
     pool = Pool(router, [AgentService(router, None, cfg)], size=4, function_modules=_may_call)
+    _obey_shutdown(router)
     _attach_parent(router, fd, fd, cfg)
     _serve_until_parent_lost(router, pool)
