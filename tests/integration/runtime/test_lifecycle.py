@@ -62,6 +62,19 @@ def test_shutdown_message_ends_the_agent(agent: Agent) -> None:
         assert call(ctx, AGENT, "ping") is True
 
 
+def test_shutdown_sent_at_once_to_a_new_child_is_obeyed(agent: Agent) -> None:
+    """The parent may send a shutdown as soon as fork_child() returned,
+    before the child's main thread got to run again: the child must
+    already listen for it."""
+    pids = []
+    for i in range(20):
+        child = connect.fork(agent.context, name="quick-%d" % i)
+        child.shutdown()
+        pids.append(child.pid)  # type: ignore[attr-defined]
+    assert wait_gone(pids, EXIT_BOUND) == []
+    assert call(agent.context, AGENT, "ping") is True
+
+
 @pytest.mark.parametrize("transport", ["chained"], indirect=True)
 def test_killing_the_first_agent_ends_the_chain(agent: Agent) -> None:
     pids = agent.all_pids()
