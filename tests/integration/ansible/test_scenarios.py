@@ -255,16 +255,19 @@ def _pyenv_python(version: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def _smart_card(root: Path, authorized_keys: Path) -> Optional[Dict[str, str]]:
-    """A SoftHSM token under ``root`` holding a new RSA key whose public
-    half is appended to ``authorized_keys``; the environment ssh needs to
-    find the token (None without SoftHSM)."""
+def _card_conf(root: Path, tokens: Path) -> Path:
+    conf = root / ("%s.conf" % tokens.name)
+    conf.write_text("directories.tokendir = %s\n" % tokens)
+    return conf
+
+
+def _smart_card(root: Path, authorized_keys: Path) -> Optional[Path]:
+    """A SoftHSM token store ``root``/tokens holding a new RSA key whose
+    public half is appended to ``authorized_keys`` (None without SoftHSM)."""
     if _needs_softhsm() is not None:
         return None
     (root / "tokens").mkdir(parents=True)
-    conf = root / "softhsm2.conf"
-    conf.write_text("directories.tokendir = %s\n" % (root / "tokens"))
-    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    env = dict(os.environ, SOFTHSM2_CONF=str(_card_conf(root, root / "tokens")))
     key = root / "card-key.pem"
     for argv in (["softhsm2-util", "--init-token", "--free", "--label", "msvc-card",
                   "--pin", CARD_PIN, "--so-pin", "so-" + CARD_PIN],
@@ -278,7 +281,20 @@ def _smart_card(root: Path, authorized_keys: Path) -> Optional[Dict[str, str]]:
                             capture_output=True, text=True, timeout=60).stdout
     with open(authorized_keys, "a") as fp:
         fp.write(public)
-    return {"SOFTHSM2_CONF": str(conf)}
+    return root / "tokens"
+
+
+def _card_copy(tokens: Path, tag: str) -> Dict[str, str]:
+    """The environment that gives a run its own fresh copy of the card.
+    SoftHSM rewrites its token file on every PIN login, right or wrong, and
+    a login that reads it while another process writes it fails: the
+    vanilla and the mitogen run, which go at the same time, must not share
+    one (next to wrong-PIN logins, a right PIN was refused in 2 of 180
+    logins on one shared token, in none of 120 on separate copies)."""
+    copy = tokens.with_name("tokens-" + tag)
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(tokens, copy)
+    return {"SOFTHSM2_CONF": str(_card_conf(tokens.parent, copy))}
 
 
 def _ini_value(value: str) -> str:
@@ -300,7 +316,7 @@ class ScenarioEnv:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "msvc-wrong",
                         "-f", str(self.wrong_key)], check=True, capture_output=True, timeout=30)
         # Logins by msvc-bob may use the key on this (software) smart card.
-        self.card_env = _smart_card(root / "softhsm", testbed.authorized_keys_dir / "msvc-bob")
+        self.card = _smart_card(root / "softhsm", testbed.authorized_keys_dir / "msvc-bob")
         self.py38 = _pyenv_python("3.8")
         self.py313 = _pyenv_python("3.13")
 
@@ -352,7 +368,7 @@ class ScenarioEnv:
                      msvc_key=h4.key_path, msvc_wrong_key=self.wrong_key),
                 line("silenthost", **conn(h2, ansible_port=silent_port)),
                 line("discohost", **conn(h2, ansible_python_interpreter=None))]
-        if self.card_env:
+        if self.card:
             def card(host: Any, pin: Optional[str]) -> Dict[str, Any]:
                 # IdentitiesOnly would hide the card's key from ssh.
                 return conn(host, ansible_user="msvc-bob", ansible_password=pin,
@@ -409,6 +425,10 @@ class ScenarioEnv:
         os.chmod(scratch, 0o1777)
         fetch.mkdir()
 
+    def card_env(self, tag: str) -> Dict[str, str]:
+        """The environment of the run ``tag``: its own copy of the card."""
+        return _card_copy(self.card, tag) if self.card else {}
+
     def extra_vars(self, tag: str) -> Dict[str, str]:
         scratch, fetch = self.dirs(tag)
         return {"sc_root": str(scratch), "fetch_dir": str(fetch), "data_dir": str(self.data)}
@@ -455,7 +475,7 @@ def _run_group(env: ScenarioEnv, group: Group, books: List[Path], strategy: str,
     started = time.monotonic()
     run = run_playbook(env.ansible, books, strategy,
                        "%s.%s" % (group.name, tag), extra_vars=env.extra_vars(tag),
-                       timeout=RUN_TIMEOUT, extra_env=dict(env.card_env or {}, **dict(group.env)),
+                       timeout=RUN_TIMEOUT, extra_env=dict(env.card_env(tag), **dict(group.env)),
                        args=group.args)
     run.results = substitute(run.results, env.placeholders(tag))
     return run, time.monotonic() - started
