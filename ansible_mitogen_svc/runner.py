@@ -22,7 +22,11 @@ zygote, so no Python start-up and no ``basic`` import per task, and nothing
 a module does outlives its task. The child executes the unmodified wrapper
 as ``__main__`` with stdin at EOF, stdout/stderr on pipes and the task's
 environment, exactly like ``python3`` reading it from stdin: the controller
-parses the output the vanilla way (junk filtering, warnings, rc).
+parses the output the vanilla way (junk filtering, warnings, rc). Where
+vanilla would run the module from a file under ``ssh -tt``, the child's
+stdin, stdout and stderr are one new pty instead (its controlling
+terminal), and a child killed by a signal is reported as the shell of
+vanilla's module command reports it.
 
 The zygote is single-threaded: it serves fork requests on a SOCK_SEQPACKET
 socket, each carrying four fds (program pipe, stdout, stderr, status pipe),
@@ -37,8 +41,10 @@ import base64
 import binascii
 import collections
 import hashlib
+import errno
 import logging
 import os
+import pty
 import select
 import shutil
 import signal
@@ -50,6 +56,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import BrokenError
 from .forkserver import recv_packet, send_packet
+from .spawn import PTY_LINGER, PTY_LINGER_MAX
 
 __all__ = ["run_module", "zygote_main", "load_program", "run_program", "ISOLATIONS",
            "CACHE_LIMIT"]
@@ -201,12 +208,18 @@ def load_program(head: bytes, tail: bytes, digest: Optional[str],
 
 def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, str],
                zygote_key: str, preload: List[str], blob: Optional[bytes] = None,
-               isolation: str = "zygote") -> Dict[str, Any]:
+               isolation: str = "zygote", tty: bool = False,
+               term: Optional[str] = None, shell: str = "/bin/sh") -> Dict[str, Any]:
     """Run the AnsiballZ wrapper ``head + zip text + tail`` like
     ``python3`` would read it from stdin, in a child of the zygote for
     ``zygote_key`` (or, with ``isolation="fork"``, of a one-shot process
     forked from the virgin fork parent); ``env`` is added to the
-    environment.
+    environment. With ``tty``, stdin, stdout and stderr are one new pty,
+    the child's controlling terminal, as for a module that ``ssh -tt`` runs
+    from a file: the output comes merged, with CRLF line ends, and
+    ``SSH_TTY`` and ``TERM`` (``term``, if given) are set as sshd sets them.
+    A child killed by a signal is reported as vanilla's ``shell -c
+    'python3 ... && sleep 0'`` reports it (see :func:`_as_shell_reports`).
 
     Returns ``{"rc", "stdout", "stderr"}``, or ``{"missing": digest}``
     when the zip text is not cached here: call again with ``blob``.
@@ -221,19 +234,21 @@ def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, s
     if loaded is None:
         return {"missing": digest}
     program, zip_path = loaded
-    request: Dict[str, Any] = {"env": env, "zip": zip_path}
+    request: Dict[str, Any] = {"env": dict(env), "zip": zip_path, "tty": bool(tty)}
+    if tty and term:
+        request["env"]["TERM"] = term
     if digest is not None:  # where the zip text sits in the program
         request["span"] = [len(head), len(program) - len(head) - len(tail)]
     if isolation == "fork":
         zyg = _Zygote("fork", "", [], once=True)
         try:
-            return _run_child(zyg, request, program)
+            return _as_shell_reports(_run_child(zyg, request, program), shell, tty)
         finally:
             zyg.close()
     for attempt in (0, 1):
         zyg = _zygote(zygote_key, zip_path or "", preload, fresh=attempt == 1)
         try:
-            return _run_child(zyg, request, program)
+            return _as_shell_reports(_run_child(zyg, request, program), shell, tty)
         except BrokenError:
             if attempt:
                 raise
@@ -241,13 +256,48 @@ def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, s
     raise AssertionError("unreachable")
 
 
+def _as_shell_reports(res: Dict[str, Any], shell: str, tty: bool) -> Dict[str, Any]:
+    """A child killed by signal N: status 128+N, as from the shell that
+    runs vanilla's module command, and, when that shell is dash (Debian's
+    /bin/sh), the line dash prints then ("Killed"; none for SIGINT and
+    SIGPIPE), on the pty or on stderr. Other shells word it their own way
+    (with pids): they get the status only."""
+    rc = int(res["rc"])
+    if rc >= 0:
+        return res
+    sig = -rc
+    res["rc"] = 128 + sig
+    try:
+        is_dash = os.path.basename(os.path.realpath(shell)) == "dash"
+    except (OSError, ValueError):
+        is_dash = False
+    text = signal.strsignal(sig) if is_dash else None
+    if text and sig not in (signal.SIGINT, signal.SIGPIPE):
+        if tty:
+            res["stdout"] += text.encode() + b"\r\n"
+        else:
+            res["stderr"] += text.encode() + b"\n"
+    return res
+
+
+def _output_fds(request: Dict[str, Any]) -> "tuple[List[int], List[int]]":
+    """([stdout, stderr] for the child, [what we read]): two pipes, or one
+    pty (whose slave ``request["env"]["SSH_TTY"]`` then names)."""
+    if not request.get("tty"):
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        return [out_w, err_w], [out_r, err_r]
+    master, slave = pty.openpty()
+    request["env"]["SSH_TTY"] = os.ttyname(slave)
+    return [slave, os.dup(slave)], [master]
+
+
 def _run_child(zyg: _Zygote, request: Dict[str, Any], program: bytes) -> Dict[str, Any]:
+    writes, reads = _output_fds(request)
     prog_r, prog_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
     st_r, st_w = os.pipe()
-    theirs = [prog_r, out_w, err_w, st_w]
-    ours = [prog_w, out_r, err_r, st_r]
+    theirs = [prog_r] + writes + [st_w]
+    ours = [prog_w] + reads + [st_r]
     try:
         zyg.spawn(request, theirs)
     except BaseException:
@@ -266,26 +316,45 @@ def _run_child(zyg: _Zygote, request: Dict[str, Any], program: bytes) -> Dict[st
             pass  # the child died before reading its program: its rc says why
         os.close(prog_w)
         ours.remove(prog_w)
-        out, err, status = _collect(out_r, err_r, st_r)
+        got = _collect(reads + [st_r], st_r, reads[0] if request.get("tty") else None)
     finally:
         for fd in ours:
             os.close(fd)
-    rc = int(status.strip() or b"-9")
-    return {"rc": rc, "stdout": out, "stderr": err}
+    rc = int(got[st_r].strip() or b"-9")
+    return {"rc": rc, "stdout": got[reads[0]], "stderr": got[reads[1]] if len(reads) > 1 else b""}
 
 
-def _collect(out_r: int, err_r: int, st_r: int) -> "tuple[bytes, bytes, bytes]":
-    bufs: Dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray(), st_r: bytearray()}
+def _collect(fds: List[int], status: int, tty: Optional[int] = None) -> Dict[int, bytes]:
+    """Everything read from ``fds`` until each is at its end (a pty's
+    master: EIO once every slave fd is closed). The pty ``tty`` is done
+    once the child is (``status`` at its end) and the pty stays silent for
+    PTY_LINGER (at most PTY_LINGER_MAX; see :mod:`.spawn`)."""
+    import time
+    bufs: Dict[int, bytearray] = {fd: bytearray() for fd in fds}
     open_fds = set(bufs)
+    until = 0.0
     while open_fds:
-        ready, _, _ = select.select(list(open_fds), [], [])
+        wait = None
+        if tty in open_fds and status not in open_fds:
+            now = time.monotonic()
+            until = until or now + PTY_LINGER_MAX
+            wait = min(PTY_LINGER, max(0.0, until - now))
+        ready, _, _ = select.select(list(open_fds), [], [], wait)
+        if wait is not None and (not ready or time.monotonic() >= until):
+            open_fds.discard(tty)
+            ready = [fd for fd in ready if fd != tty]
         for fd in ready:
-            data = os.read(fd, 65536)
+            try:
+                data = os.read(fd, 65536)
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                data = b""
             if data:
                 bufs[fd] += data
             else:
                 open_fds.discard(fd)
-    return bytes(bufs[out_r]), bytes(bufs[err_r]), bytes(bufs[st_r])
+    return {fd: bytes(buf) for fd, buf in bufs.items()}
 
 
 # -- the zygote process (single-threaded) ----------------------------------
@@ -493,6 +562,10 @@ def _task_child(req: Dict[str, Any], fds: List[int]) -> None:
         prog, out, err, st = fds
         os.close(st)
         os.setsid()
+        if req.get("tty"):
+            import fcntl
+            import termios
+            fcntl.ioctl(out, termios.TIOCSCTTY, 0)
         chunks = []
         while True:
             data = os.read(prog, 65536)
@@ -514,8 +587,12 @@ def run_program(req: Dict[str, Any], program: bytes, out: int, err: int) -> int:
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    null = os.open(os.devnull, os.O_RDONLY)
-    for src, dst in ((null, 0), (out, 1), (err, 2)):
+    moves: List[Tuple[int, int]] = [(out, 1), (err, 2)]
+    if req.get("tty"):  # the pty is stdin too, as under ssh -tt
+        os.dup2(out, 0)
+    else:
+        moves.insert(0, (os.open(os.devnull, os.O_RDONLY), 0))
+    for src, dst in moves:
         if src != dst:
             os.dup2(src, dst)
             os.close(src)
@@ -550,14 +627,25 @@ def _prepare(req: Dict[str, Any]) -> None:
                 _rebase(modlib)
             return original(*args, **kwargs)
         setattr(loader, "run_module", run_module)
-    for name in ("stdout", "stderr"):
-        old = getattr(sys, name)
-        new = open(1 if name == "stdout" else 2, "w", encoding=old.encoding, errors=old.errors,
-                   closefd=False)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        new = _stdio(fd, getattr(sys, name))
         setattr(sys, name, new)
         setattr(sys, "__%s__" % name, new)
     sys.stdin = open(0, "r", closefd=False)
     setattr(sys, "__stdin__", sys.stdin)
+
+
+def _stdio(fd: int, old: Any) -> Any:
+    """sys.stdout (fd 1) or sys.stderr (fd 2) as a new interpreter makes
+    it: unbuffered with PYTHONUNBUFFERED, else line-buffered on a tty (and
+    stderr always from Python 3.9), else block-buffered."""
+    import io
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    raw = io.FileIO(fd, "w", closefd=False)
+    line = not unbuffered and (os.isatty(fd) or (fd == 2 and sys.version_info >= (3, 9)))
+    return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw),  # type: ignore[arg-type]
+                            encoding=old.encoding, errors=old.errors, line_buffering=line,
+                            write_through=unbuffered)
 
 
 def _coerce_locale() -> None:

@@ -38,6 +38,12 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 PASSWORD_PROMPT = r"(?i)(password|passphrase)[^:\n]*:\s*$"
 # Keep at most this much pre-READY output to explain a failure.
 MAX_DIAG = 64 * 1024
+#: A command on a pty (``ssh -tt``, a module run as vanilla runs it from a
+#: file) is done when it exits, as sshd ends such a session, even if
+#: processes it left behind still hold the pty: their output is read until
+#: PTY_LINGER seconds of silence, for at most PTY_LINGER_MAX seconds.
+PTY_LINGER = 0.05
+PTY_LINGER_MAX = 0.5
 
 
 def _acquire_tty() -> None:

@@ -22,7 +22,10 @@ import pwd
 import select
 import subprocess
 import termios
+import time
 from typing import Any, Dict, List, Optional
+
+from .spawn import PTY_LINGER, PTY_LINGER_MAX
 
 __all__ = ["run_command", "write_file", "pull_file", "read_chunk", "login_shell",
            "expand_user", "make_temp_dir", "remove_tree", "chmod",
@@ -43,7 +46,8 @@ def login_shell() -> str:
 
 
 def run_command(argv: List[str], in_data: Optional[bytes] = None,
-                use_pty: bool = False, term: Optional[str] = None) -> Dict[str, Any]:
+                use_pty: bool = False, term: Optional[str] = None,
+                stdin_pipe: bool = False) -> Dict[str, Any]:
     """Run ``argv`` and return ``{"rc", "stdout", "stderr"}`` (bytes).
 
     Args:
@@ -55,11 +59,14 @@ def run_command(argv: List[str], in_data: Optional[bytes] = None,
             with CRLF line ends, stderr is empty. As sshd does for a
             session with a pty, ``SSH_TTY`` names it and ``TERM`` is
             ``term`` (the terminal type the client would send), if given.
+        stdin_pipe: with ``use_pty``, stdin is a pipe that gets
+            ``in_data`` all the same (a pipelined module whose output
+            vanilla reads through ``ssh -tt`` from a module file).
     Raises:
         OSError: the program cannot be started.
     """
     if use_pty:
-        return _run_on_pty(argv, in_data, term)
+        return _run_on_pty(argv, in_data, term, stdin_pipe)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
     stdout, stderr = proc.communicate(in_data or b"")
@@ -68,17 +75,18 @@ def run_command(argv: List[str], in_data: Optional[bytes] = None,
 
 def _make_controlling_tty() -> None:
     import fcntl
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    fcntl.ioctl(1, termios.TIOCSCTTY, 0)
 
 
 def _run_on_pty(argv: List[str], in_data: Optional[bytes],
-                term: Optional[str] = None) -> Dict[str, Any]:
+                term: Optional[str] = None, stdin_pipe: bool = False) -> Dict[str, Any]:
     master, slave = pty.openpty()
     env = dict(os.environ, SSH_TTY=os.ttyname(slave))
     if term:
         env["TERM"] = term
     try:
-        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_pipe else slave,
+                                stdout=slave, stderr=slave, close_fds=True,
                                 start_new_session=True, preexec_fn=_make_controlling_tty,
                                 env=env)
     except BaseException:
@@ -88,13 +96,32 @@ def _run_on_pty(argv: List[str], in_data: Optional[bytes],
         os.close(slave)
     out = bytearray()
     pending = memoryview(in_data or b"")
+    sink = master
+    if proc.stdin is not None:
+        sink = proc.stdin.fileno()
+        os.set_blocking(sink, False)
+        if not pending:
+            proc.stdin.close()
+    until = 0.0
     try:
         while True:
-            wl = [master] if pending else []
-            r, w, _ = select.select([master], wl, [], 1.0)
+            wait = 1.0
+            if proc.poll() is not None:  # done, as sshd sees it (see spawn.PTY_LINGER)
+                now = time.monotonic()
+                until = until or now + PTY_LINGER_MAX
+                wait = min(PTY_LINGER, max(0.0, until - now))
+            wl = [sink] if pending else []
+            r, w, _ = select.select([master], wl, [], wait)
+            if until and (not r or time.monotonic() >= until):
+                break
             if w:
-                n = os.write(master, pending[:4096])
+                try:
+                    n = os.write(sink, pending[:4096 if sink == master else 65536])
+                except BrokenPipeError:  # it stopped reading: as ssh, drop the rest
+                    n = len(pending)
                 pending = pending[n:]
+                if not pending and proc.stdin is not None:
+                    proc.stdin.close()
             if r:
                 try:
                     chunk = os.read(master, 65536)
@@ -107,6 +134,8 @@ def _run_on_pty(argv: List[str], in_data: Optional[bytes],
                 out += chunk
     finally:
         os.close(master)
+        if proc.stdin is not None and not proc.stdin.closed:
+            proc.stdin.close()
     return {"rc": proc.wait(), "stdout": bytes(out), "stderr": b""}
 
 

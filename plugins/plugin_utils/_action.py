@@ -60,9 +60,10 @@ def _mixed_class(base: type) -> type:
             env, self._msvc_env = self._msvc_env, None
             conn = self._connection
             interp = interpreter_path(getattr(self, "_used_interpreter", None))
-            if (env is not None and interp and not executable and _payload.is_wrapper(in_data)
+            if (env is not None and not executable and _payload.is_wrapper(in_data)
                     and isinstance(conn, AgentConnection)):
-                conn.expect_module(interp, env, self._msvc_run)
+                conn.expect_module(interp, env, self._msvc_run,
+                                   piped=self._vanilla_pipelines() or bool(self._task.async_val))
             try:
                 return super()._low_level_execute_command(cmd, sudoable, in_data, executable,
                                                           *args, **kwargs)

@@ -306,12 +306,16 @@ class AgentConnection(ConnectionBase):
 
     # -- modules -------------------------------------------------------------
     def expect_module(self, interpreter: str | None, env: dict[str, str] | None,
-                      run: dict[str, t.Any] | None = None) -> None:
+                      run: dict[str, t.Any] | None = None, piped: bool = True) -> None:
         """Called by the action mixin: the next exec_command() runs an
-        AnsiballZ wrapper with ``interpreter`` and task environment ``env``;
-        ``run``: an async job, an answer or an isolation (see _async.py)."""
-        self._module = (None if interpreter is None
-                        else {"interpreter": interpreter, "env": env, "run": run})
+        AnsiballZ wrapper with ``interpreter`` (None: one with arguments,
+        run as a command) and task environment ``env`` (None: forget it);
+        ``run``: an async job, an answer or an isolation (see _async.py);
+        ``piped``: vanilla would pipeline it (else it would run the module
+        from a file, with a tty where its transport gives commands one)."""
+        self._module = (None if env is None
+                        else {"interpreter": interpreter, "env": env, "run": run,
+                              "piped": piped})
 
     def _agent_for(self, become: bool, python: str | None = None) -> int | None:
         """The agent that runs ``python`` (default: the login agent's) as
@@ -372,7 +376,12 @@ class AgentConnection(ConnectionBase):
                      % (interp, agent_id, part.digest), host=self._describe_host())
         args = (part.head, part.tail, part.digest, module["env"] or {},
                 _payload.zygote_key(interp), _payload.PRELOAD)
-        opts = {"isolation": run["isolation"]} if run.get("isolation") else {}
+        opts: dict[str, t.Any] = {"isolation": run["isolation"]} if run.get("isolation") else {}
+        tty = bool(module.get("tty"))
+        if tty:  # as vanilla's module run from a file by ssh -tt
+            opts.update(tty=True, term=os.environ.get("TERM"))
+        # The shell vanilla's module command runs in (it reports a kill).
+        opts["shell"] = to_text(getattr(self._play_context, "executable", None) or "/bin/sh")
         first: dict[str, t.Any] = {}
         if agent_id in self._fresh and part.digest:
             # Just started for us: it cannot hold the zip, so send it now
@@ -387,6 +396,8 @@ class AgentConnection(ConnectionBase):
         except CallError as exc:
             raise AnsibleError("failed to run a module on %s: %s"
                                % (self._describe_host(), exc)) from None
+        if tty:
+            return int(res["rc"]), res["stdout"], res["stderr"] + self._tty_closed_message()
         return int(res["rc"]), res["stdout"], res["stderr"]
 
     # -- ConnectionBase ------------------------------------------------------
@@ -398,6 +409,9 @@ class AgentConnection(ConnectionBase):
                           self._fallback.exec_command(cmd, in_data=in_data, sudoable=sudoable))
         display.vvv("EXEC %s" % to_text(cmd), host=self._describe_host())
         module, self._module = self._module, None
+        # Output through a tty, as vanilla's module run from a file by ssh -tt.
+        module_tty = (module is not None and in_data is not None and not module["piped"]
+                      and self._use_pty(None, sudoable))
         # The command as it was before the become plugin wrapped it: it runs
         # in the become agent, which already is the become user.
         plain = self._unwrap_become(cmd) if sudoable and self.become is not None else None
@@ -405,11 +419,12 @@ class AgentConnection(ConnectionBase):
             # The plugin wrapped something we cannot find in the command:
             # never run it as the login user, run it as it is (vanilla).
             module = None
-        if module is not None and in_data is not None:
+        if module is not None and module["interpreter"] and in_data is not None:
+            module["tty"] = module_tty
             res = self._exec_module(module, in_data, plain is not None)
             if res is not None:
                 return res
-        use_pty = self._use_pty(in_data, sudoable)
+        use_pty = module_tty or self._use_pty(in_data, sudoable)
         if plain is not None:
             agent_id = self._agent_for(True)
             argv = ["/bin/sh", "-c", plain]
@@ -425,7 +440,7 @@ class AgentConnection(ConnectionBase):
             # A pty's terminal type: the client's, as ssh sends it.
             term = os.environ.get("TERM") if use_pty else None
             res = self._call(agent_id, _mux.TARGET_MODULE, "run_command", argv, in_data, use_pty,
-                             term)
+                             term, *((True,) if module_tty else ()))
         except CallError as exc:
             raise AnsibleError("failed to run a command on %s: %s"
                                % (self._describe_host(), exc)) from None

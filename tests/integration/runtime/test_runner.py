@@ -52,6 +52,20 @@ if p.get("sleep"):
 out["end"] = time.time()
 if p.get("code_hits"):
     out["code_hits"] = sys.modules["ansible_mitogen_svc.runner"]._code_hits[0]
+if p.get("tty"):
+    out["isatty"] = [os.isatty(0), os.isatty(1), os.isatty(2)]
+    out["ssh_tty"], out["term"] = os.environ.get("SSH_TTY"), os.environ.get("TERM")
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR))  # only with a controlling terminal
+        out["ctty"] = True
+    except OSError:
+        out["ctty"] = False
+if p.get("leave_behind"):  # a process that keeps our stdout, in its own session
+    import subprocess
+    out["left"] = subprocess.Popen(["sleep", "120"], start_new_session=True).pid
+if p.get("unflushed"):
+    print("line before _exit")
+    os._exit(5)
 if p.get("junk"):
     print("junk before")
 print(json.dumps(out))
@@ -112,13 +126,13 @@ class Target:
         self.ctx = ctx
 
     def run(self, data: bytes, env: Optional[Dict[str, str]] = None,
-            send_blob: bool = False) -> Dict[str, Any]:
+            send_blob: bool = False, **opts: Any) -> Dict[str, Any]:
         part = payload.split(data)
         args = (part.head, part.tail, part.digest, env or {}, KEY, PRELOAD)
-        kwargs = {"blob": part.blob} if send_blob else {}
+        kwargs = dict(opts, blob=part.blob) if send_blob else opts
         res = self.ctx.call_function_async(RUNNER, "run_module", *args, **kwargs).get(60.0)
         if "missing" in res and not send_blob:
-            return self.run(data, env, send_blob=True)
+            return self.run(data, env, send_blob=True, **opts)
         return dict(res)
 
     def result(self, params: Dict[str, Any], zip_text: str, **kw: Any) -> Dict[str, Any]:
@@ -173,7 +187,47 @@ def test_exit_codes_signals_stderr_and_junk(target: Target) -> None:
     assert res["rc"] == 3
     assert res["stderr"] == b"oops\n"
     assert res["stdout"].startswith(b"junk before\n{")
-    assert target.run(wrapper({"kill": True}, zip_text))["rc"] == -signal.SIGKILL
+    # Killed: reported as /bin/sh reports it (dash: "Killed").
+    killed = target.run(wrapper({"kill": True}, zip_text))
+    assert killed["rc"] == 128 + signal.SIGKILL
+    dash = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
+    assert killed["stderr"] == (b"Killed\n" if dash else b"")
+
+
+def test_tty_merges_output_as_ssh_tt_does(target: Target) -> None:
+    zip_text = make_zip()
+    res = target.run(wrapper({"tty": True, "exit": 3, "stderr": "oops\n", "junk": True},
+                             zip_text), tty=True, term="xterm-test")
+    assert res["rc"] == 3 and res["stderr"] == b""
+    junk, line, err, rest = res["stdout"].split(b"\r\n")
+    assert (junk, err, rest) == (b"junk before", b"oops", b"")
+    seen = json.loads(line)
+    assert seen["isatty"] == [True, True, True] and seen["ctty"] is True
+    assert seen["ssh_tty"].startswith("/dev/pts/") and seen["term"] == "xterm-test"
+    # Line-buffered as on a terminal: a printed line survives os._exit.
+    res = target.run(wrapper({"unflushed": True}, zip_text), env={"PYTHONUNBUFFERED": ""},
+                     tty=True)
+    assert (res["rc"], res["stdout"]) == (5, b"line before _exit\r\n")
+    killed = target.run(wrapper({"kill": True}, zip_text), tty=True)
+    dash = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
+    assert killed["rc"] == 128 + signal.SIGKILL and killed["stderr"] == b""
+    assert killed["stdout"].endswith(b"}\r\nKilled\r\n" if dash else b"}\r\n")
+    # A process left holding the pty does not hold the task (sshd's way).
+    left = target.result({"leave_behind": True}, zip_text, tty=True)["left"]
+    try:
+        assert os.path.exists("/proc/%d" % left)
+    finally:
+        os.kill(left, signal.SIGKILL)
+    # Without tty: pipes, nothing of the above.
+    quiet = {"PYTHONUNBUFFERED": ""}  # empty: unset for Python
+    res = target.run(wrapper({"unflushed": True}, zip_text), env=quiet)
+    assert (res["rc"], res["stdout"]) == (5, b"")
+    # ... unless PYTHONUNBUFFERED says so, as for a new python3.
+    res = target.run(wrapper({"unflushed": True}, zip_text), env={"PYTHONUNBUFFERED": "1"})
+    assert (res["rc"], res["stdout"]) == (5, b"line before _exit\n")
+    plain = target.result({"tty": True}, zip_text)
+    assert plain["isatty"] == [False, False, False] and plain["ctty"] is False
+    assert plain["ssh_tty"] is None
 
 
 def test_submodule_only_in_a_later_zip(target: Target) -> None:
