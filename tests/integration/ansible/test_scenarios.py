@@ -35,6 +35,7 @@ Environment knobs, for diagnosis only:
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import datetime
@@ -230,12 +231,15 @@ GROUPS: Tuple[Group, ...] = (
 
 
 def _solo(groups: Sequence[Group]) -> List[Group]:
-    """Each scenario as its own group, keeping its group's settings."""
+    """Each scenario as its own group, keeping its group's settings (named
+    after the scenario, and the group when several groups run it)."""
     out = []
+    runs = collections.Counter(stem for g in groups for stem in g.scenarios)
     for g in groups:
         for stem in g.scenarios:
             rc = g.rc if stem == g.scenarios[-1] else 0
-            out.append(dataclasses.replace(g, name=stem, scenarios=(stem,), rc=rc,
+            name = stem if runs[stem] == 1 else "%s-%s" % (stem, g.name)
+            out.append(dataclasses.replace(g, name=name, scenarios=(stem,), rc=rc,
                                            only_if=tuple(o for o in g.only_if if o[0] == stem)))
     return out
 
@@ -656,10 +660,13 @@ def test_scenario_group(group: Group, scenario_env: ScenarioEnv, testbed: Any) -
 
 
 def test_every_scenario_is_grouped() -> None:
-    """Every scenario playbook belongs to exactly one group, and there are
-    at least 40 of them."""
+    """Every scenario playbook belongs to a group (a scenario in several
+    groups runs with other settings in each), and there are at least 40."""
     files = sorted(p.stem for p in SCENARIOS.glob("s[0-9][0-9]_*.yml"))
     grouped = [s for g in GROUPS for s in g.scenarios]
-    assert sorted(grouped) == files
+    assert sorted(set(grouped)) == files
+    for stem in set(grouped):
+        settings = [(g.env, g.args, g.strategies) for g in GROUPS if stem in g.scenarios]
+        assert len(set(settings)) == len(settings), "%s runs twice alike" % stem
     assert len(set(s.split("_")[0] for s in files)) == len(files)
     assert len(files) >= 40
