@@ -209,7 +209,8 @@ def load_program(head: bytes, tail: bytes, digest: Optional[str],
 def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, str],
                zygote_key: str, preload: List[str], blob: Optional[bytes] = None,
                isolation: str = "zygote", tty: bool = False,
-               term: Optional[str] = None, shell: str = "/bin/sh") -> Dict[str, Any]:
+               term: Optional[str] = None, shell: str = "/bin/sh",
+               path: Optional[str] = None) -> Dict[str, Any]:
     """Run the AnsiballZ wrapper ``head + zip text + tail`` like
     ``python3`` would read it from stdin, in a child of the zygote for
     ``zygote_key`` (or, with ``isolation="fork"``, of a one-shot process
@@ -220,6 +221,9 @@ def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, s
     ``SSH_TTY`` and ``TERM`` (``term``, if given) are set as sshd sets them.
     A child killed by a signal is reported as vanilla's ``shell -c
     'python3 ... && sleep 0'`` reports it (see :func:`_as_shell_reports`).
+    With ``path`` (``~`` and variables expanded here), the wrapper runs as
+    ``python3 path`` would run that file (``__file__``, ``sys.argv``,
+    tracebacks); nothing is written there.
 
     Returns ``{"rc", "stdout", "stderr"}``, or ``{"missing": digest}``
     when the zip text is not cached here: call again with ``blob``.
@@ -237,6 +241,8 @@ def run_module(head: bytes, tail: bytes, digest: Optional[str], env: Dict[str, s
     request: Dict[str, Any] = {"env": dict(env), "zip": zip_path, "tty": bool(tty)}
     if tty and term:
         request["env"]["TERM"] = term
+    if path:
+        request["path"] = os.path.expanduser(os.path.expandvars(path))
     if digest is not None:  # where the zip text sits in the program
         request["span"] = [len(head), len(program) - len(head) - len(tail)]
     if isolation == "fork":
@@ -627,6 +633,16 @@ def _prepare(req: Dict[str, Any]) -> None:
                 _rebase(modlib)
             return original(*args, **kwargs)
         setattr(loader, "run_module", run_module)
+    else:  # wrappers before 2.19 name the task's zip to runpy themselves
+        import runpy
+        plain_run = runpy.run_module
+
+        def run_with_globals(*args: Any, **kwargs: Any) -> Any:
+            modlib = (kwargs.get("init_globals") or {}).get("_modlib_path")
+            if isinstance(modlib, str):
+                _rebase(modlib)
+            return plain_run(*args, **kwargs)
+        setattr(runpy, "run_module", run_with_globals)
     for fd, name in ((1, "stdout"), (2, "stderr")):
         new = _stdio(fd, getattr(sys, name))
         setattr(sys, name, new)
@@ -734,11 +750,10 @@ def _execute(source: bytes, path: str = "", span: Any = None) -> int:
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except BaseException as exc:
-        import traceback
-        # As the interpreter prints it: from the program's frames, not ours.
+        # As the interpreter reports it: sys.excepthook, with the
+        # program's frames, not ours.
         tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        traceback.print_exception(type(exc), exc, tb)
-        code = 1
+        code = _uncaught(exc, tb)
     try:
         import atexit
         atexit._run_exitfuncs()
@@ -751,6 +766,44 @@ def _execute(source: bytes, path: str = "", span: Any = None) -> int:
             except Exception:
                 pass
     return code
+
+
+def _uncaught(exc: BaseException, tb: Any) -> int:
+    """What the interpreter does with an exception nothing caught: calls
+    sys.excepthook (a module may set its own, e.g. to fail_json); a
+    SystemExit from the hook is the exit status; a hook that fails is
+    reported as CPython reports it. The default hook's report comes from
+    the traceback module (it finds the program's source lines in
+    linecache), without our own frames. Returns the exit status."""
+    import traceback
+    tb = _without_our_frames(tb)
+    exc.__traceback__ = tb
+    try:
+        if sys.excepthook is sys.__excepthook__:
+            traceback.print_exception(type(exc), exc, tb)
+        else:
+            sys.excepthook(type(exc), exc, tb)
+    except SystemExit as done:
+        return _exit_code(done.code)
+    except BaseException as failed:
+        sys.stderr.write("Error in sys.excepthook:\n")
+        traceback.print_exception(type(failed), failed, failed.__traceback__)
+        sys.stderr.write("\nOriginal exception was:\n")
+        traceback.print_exception(type(exc), exc, tb)
+    return 1
+
+
+def _without_our_frames(tb: Any) -> Any:
+    """The traceback ``tb`` without frames of this file (the hooks
+    :func:`_prepare` puts around the wrapper's calls)."""
+    kept = []
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename != __file__:
+            kept.append(tb)
+        tb = tb.tb_next
+    for a, b in zip(kept, kept[1:] + [None]):
+        a.tb_next = b
+    return kept[0] if kept else None
 
 
 #: Stands in for the module zip text while a wrapper is compiled: base64

@@ -62,8 +62,12 @@ def _mixed_class(base: type) -> type:
             interp = interpreter_path(getattr(self, "_used_interpreter", None))
             if (env is not None and not executable and _payload.is_wrapper(in_data)
                     and isinstance(conn, AgentConnection)):
-                conn.expect_module(interp, env, self._msvc_run,
-                                   piped=self._vanilla_pipelines() or bool(self._task.async_val))
+                piped = self._vanilla_pipelines() or bool(self._task.async_val)
+                # Vanilla would run the module from this file (the agent
+                # expands "~": no round trip for it).
+                path = (None if piped or self._msvc_run is None
+                        else _async.module_file(self, self._msvc_run, expand=False))
+                conn.expect_module(interp, env, self._msvc_run, piped=piped, path=path)
             try:
                 return super()._low_level_execute_command(cmd, sudoable, in_data, executable,
                                                           *args, **kwargs)

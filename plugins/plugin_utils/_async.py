@@ -198,10 +198,11 @@ def _execute_job(action: t.Any, execute: t.Callable[..., t.Any], kwargs: t.Dict[
     return result
 
 
-def module_file(action: t.Any, run: t.Dict[str, t.Any]) -> str:
-    """Where vanilla puts the module of an async task for async_wrapper:
-    ``AnsiballZ_<module>.py`` in the task's temporary directory, or in the
-    one it would make (``remote_tmp``, expanded, then a fresh
+def module_file(action: t.Any, run: t.Dict[str, t.Any], expand: bool = True) -> str:
+    """Where vanilla puts the module of an async task for async_wrapper
+    (or of any task, without pipelining): ``AnsiballZ_<module>.py`` in the
+    task's temporary directory, or in the one it would make
+    (``remote_tmp``, expanded unless not ``expand``, then a fresh
     ``ansible-tmp-...`` name). Nothing is written there: the job runs as
     that file, so its records and tracebacks name what vanilla's do.
     Without ``action``: the bare file name."""
@@ -214,7 +215,8 @@ def module_file(action: t.Any, run: t.Dict[str, t.Any]) -> str:
     if not base and name is not None:
         remote_tmp = action.get_shell_option("remote_tmp", default="~/.ansible/tmp")
         try:
-            root = action._remote_expand_user(remote_tmp, sudoable=False)
+            root = (action._remote_expand_user(remote_tmp, sudoable=False) if expand
+                    else remote_tmp)
         except AnsibleError:
             root = remote_tmp
         base = shell.join_path(root, name())

@@ -306,16 +306,18 @@ class AgentConnection(ConnectionBase):
 
     # -- modules -------------------------------------------------------------
     def expect_module(self, interpreter: str | None, env: dict[str, str] | None,
-                      run: dict[str, t.Any] | None = None, piped: bool = True) -> None:
+                      run: dict[str, t.Any] | None = None, piped: bool = True,
+                      path: str | None = None) -> None:
         """Called by the action mixin: the next exec_command() runs an
         AnsiballZ wrapper with ``interpreter`` (None: one with arguments,
         run as a command) and task environment ``env`` (None: forget it);
         ``run``: an async job, an answer or an isolation (see _async.py);
         ``piped``: vanilla would pipeline it (else it would run the module
-        from a file, with a tty where its transport gives commands one)."""
+        from the file ``path``, with a tty where its transport gives
+        commands one)."""
         self._module = (None if env is None
                         else {"interpreter": interpreter, "env": env, "run": run,
-                              "piped": piped})
+                              "piped": piped, "path": path})
 
     def _agent_for(self, become: bool, python: str | None = None) -> int | None:
         """The agent that runs ``python`` (default: the login agent's) as
@@ -380,6 +382,8 @@ class AgentConnection(ConnectionBase):
         tty = bool(module.get("tty"))
         if tty:  # as vanilla's module run from a file by ssh -tt
             opts.update(tty=True, term=os.environ.get("TERM"))
+        if module.get("path"):  # the file vanilla would run: tracebacks name it
+            opts["path"] = module["path"]
         # The shell vanilla's module command runs in (it reports a kill).
         opts["shell"] = to_text(getattr(self._play_context, "executable", None) or "/bin/sh")
         first: dict[str, t.Any] = {}

@@ -74,6 +74,11 @@ if p.get("stderr"):
     sys.stderr.write(p["stderr"])
 if p.get("kill"):
     os.kill(os.getpid(), 9)
+if p.get("hook"):  # as ansible's file module reports its own errors
+    def hook(kind, value, tb):
+        print(json.dumps({"failed": True, "hooked": str(value)}))
+        sys.exit(p["hook"])
+    sys.excepthook = hook
 if p.get("raise"):
     raise ValueError("raised by the probe")
 sys.exit(p.get("exit", 0))
@@ -228,6 +233,20 @@ def test_tty_merges_output_as_ssh_tt_does(target: Target) -> None:
     plain = target.result({"tty": True}, zip_text)
     assert plain["isatty"] == [False, False, False] and plain["ctty"] is False
     assert plain["ssh_tty"] is None
+
+
+def test_uncaught_exceptions_as_the_interpreter_reports_them(target: Target) -> None:
+    zip_text = make_zip()
+    res = target.run(wrapper({"raise": True}, zip_text))
+    assert res["rc"] == 1
+    err = res["stderr"].decode()
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert err.endswith("ValueError: raised by the probe\n")
+    assert "runner.py" not in err  # none of our frames
+    res = target.run(wrapper({"raise": True, "hook": 4}, zip_text))
+    assert res["rc"] == 4 and res["stderr"] == b""
+    assert json.loads(res["stdout"].splitlines()[-1]) == {
+        "failed": True, "hooked": "raised by the probe"}
 
 
 def test_submodule_only_in_a_later_zip(target: Target) -> None:
