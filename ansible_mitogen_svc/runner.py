@@ -56,7 +56,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import BrokenError
 from .forkserver import recv_packet, send_packet
-from .spawn import PTY_LINGER, PTY_LINGER_MAX
+from .spawn import acquire_tty, pty_linger
 
 __all__ = ["run_module", "zygote_main", "load_program", "run_program", "ISOLATIONS",
            "CACHE_LIMIT"]
@@ -334,19 +334,16 @@ def _collect(fds: List[int], status: int, tty: Optional[int] = None) -> Dict[int
     """Everything read from ``fds`` until each is at its end (a pty's
     master: EIO once every slave fd is closed). The pty ``tty`` is done
     once the child is (``status`` at its end) and the pty stays silent for
-    PTY_LINGER (at most PTY_LINGER_MAX; see :mod:`.spawn`)."""
-    import time
+    PTY_LINGER (at most PTY_LINGER_MAX; see :func:`.spawn.pty_linger`)."""
     bufs: Dict[int, bytearray] = {fd: bytearray() for fd in fds}
     open_fds = set(bufs)
     until = 0.0
     while open_fds:
         wait = None
         if tty in open_fds and status not in open_fds:
-            now = time.monotonic()
-            until = until or now + PTY_LINGER_MAX
-            wait = min(PTY_LINGER, max(0.0, until - now))
+            until, wait = pty_linger(until)
         ready, _, _ = select.select(list(open_fds), [], [], wait)
-        if wait is not None and (not ready or time.monotonic() >= until):
+        if wait is not None and (not ready or wait == 0.0):
             open_fds.discard(tty)
             ready = [fd for fd in ready if fd != tty]
         for fd in ready:
@@ -569,9 +566,7 @@ def _task_child(req: Dict[str, Any], fds: List[int]) -> None:
         os.close(st)
         os.setsid()
         if req.get("tty"):
-            import fcntl
-            import termios
-            fcntl.ioctl(out, termios.TIOCSCTTY, 0)
+            acquire_tty(out)
         chunks = []
         while True:
             data = os.read(prog, 65536)

@@ -23,7 +23,8 @@ import socket
 import subprocess
 import termios
 import time
-from typing import Optional, Sequence
+from functools import partial
+from typing import Optional, Sequence, Tuple
 
 from . import bootstrap
 from .errors import BootstrapError, PasswordError
@@ -46,10 +47,19 @@ PTY_LINGER = 0.05
 PTY_LINGER_MAX = 0.5
 
 
-def _acquire_tty() -> None:
-    # Runs in the child between fork and exec (start_new_session already
-    # called setsid): make the pty on fd 2 the controlling terminal.
-    fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+def acquire_tty(fd: int) -> None:
+    """In a new session's leader (after setsid): make the pty on ``fd``
+    its controlling terminal."""
+    fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+
+
+def pty_linger(deadline: float) -> Tuple[float, float]:
+    """While the output of a command that exited is read from its pty:
+    ``(deadline, select timeout)``, from the deadline so far (0.0 at first).
+    Reading stops at a timeout with nothing read, or at the deadline."""
+    now = time.monotonic()
+    deadline = deadline or now + PTY_LINGER_MAX
+    return deadline, min(PTY_LINGER, max(0.0, deadline - now))
 
 
 def prompt_containing(text: str) -> str:
@@ -173,7 +183,7 @@ def _start(argv: Sequence[str], use_tty: bool, tty_stdin: bool, env: Optional[di
         proc = subprocess.Popen(list(argv), stdin=err_target if tty_stdin else child.fileno(),
                                 stdout=child.fileno(), stderr=err_target, close_fds=True,
                                 start_new_session=True,
-                                preexec_fn=_acquire_tty if use_tty else None, env=env)
+                                preexec_fn=partial(acquire_tty, 2) if use_tty else None, env=env)
     except OSError as exc:
         parent.close()
         os.close(diag_fd)

@@ -21,11 +21,10 @@ import pty
 import pwd
 import select
 import subprocess
-import termios
-import time
+from functools import partial
 from typing import Any, Dict, List, Optional
 
-from .spawn import PTY_LINGER, PTY_LINGER_MAX
+from .spawn import acquire_tty, pty_linger
 
 __all__ = ["run_command", "write_file", "pull_file", "read_chunk", "login_shell",
            "expand_user", "make_temp_dir", "remove_tree", "chmod",
@@ -73,11 +72,6 @@ def run_command(argv: List[str], in_data: Optional[bytes] = None,
     return {"rc": proc.returncode, "stdout": stdout, "stderr": stderr}
 
 
-def _make_controlling_tty() -> None:
-    import fcntl
-    fcntl.ioctl(1, termios.TIOCSCTTY, 0)
-
-
 def _run_on_pty(argv: List[str], in_data: Optional[bytes],
                 term: Optional[str] = None, stdin_pipe: bool = False) -> Dict[str, Any]:
     master, slave = pty.openpty()
@@ -87,7 +81,7 @@ def _run_on_pty(argv: List[str], in_data: Optional[bytes],
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_pipe else slave,
                                 stdout=slave, stderr=slave, close_fds=True,
-                                start_new_session=True, preexec_fn=_make_controlling_tty,
+                                start_new_session=True, preexec_fn=partial(acquire_tty, 1),
                                 env=env)
     except BaseException:
         os.close(master)
@@ -106,13 +100,11 @@ def _run_on_pty(argv: List[str], in_data: Optional[bytes],
     try:
         while True:
             wait = 1.0
-            if proc.poll() is not None:  # done, as sshd sees it (see spawn.PTY_LINGER)
-                now = time.monotonic()
-                until = until or now + PTY_LINGER_MAX
-                wait = min(PTY_LINGER, max(0.0, until - now))
+            if proc.poll() is not None:  # done, as sshd sees it
+                until, wait = pty_linger(until)
             wl = [sink] if pending else []
             r, w, _ = select.select([master], wl, [], wait)
-            if until and (not r or time.monotonic() >= until):
+            if until and (not r or wait == 0.0):
                 break
             if w:
                 try:
